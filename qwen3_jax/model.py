@@ -1,0 +1,77 @@
+"""The Qwen3 forward pass as pure functions of (params, tokens, positions, cache), op by op as HF computes it.
+
+Layers are unrolled (a Python loop under jit), so XLA sees one straight-line program per step. The residual
+add of each sub-block is fused into the following RMSNorm (`rms_norm(..., residual=)` returns both the sum and
+the normalised value), which computes exactly HF's `residual + out` followed by the norm.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from . import kv_cache, ops
+from .config import Qwen3Config
+from .kv_cache import KVCache
+from .ops import Kernels, linear
+
+
+def _attention_block(p, x, positions, k_cache, v_cache, inv_freq, config: Qwen3Config, kernels: Kernels):
+    b, t, _ = x.shape
+    q, k, v = ops.qkv_rope(kernels, x, p["qkv_proj"], p["q_norm"], p["k_norm"], inv_freq, positions,
+                           num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
+                           head_dim=config.head_dim, eps=config.rms_norm_eps)  # q [B,T,Hq,D], k/v [B,T,KV,D]
+    start = positions[:, 0]
+    k_cache, v_cache = kv_cache.write(k_cache, v_cache, k, v, start)
+    if t == 1:
+        o = ops.decode_attention(kernels, q[:, 0], k_cache, v_cache, start + 1)[:, None]  # [B,1,Hq,D]
+    else:
+        o = ops.attention(kernels, q, k_cache, v_cache, start)  # [B,T,Hq,D]
+    return linear(o.reshape(b, t, config.q_size), p["o_proj"]), k_cache, v_cache
+
+
+def _mlp(p, x):
+    gate, up = jnp.split(linear(x, p["gate_up_proj"]), 2, axis=-1)  # [B,T,I] each
+    act = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype)  # torch's bf16 silu computes in f32
+    return linear(act * up, p["down_proj"])
+
+
+def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCache, *, config: Qwen3Config,
+            kernels: Kernels = Kernels(), logits_index: jax.Array | None = None, return_hidden: bool = False):
+    """Run the model on tokens [B, T] at positions [B, T] (contiguous per row), writing their keys and values.
+
+    Returns (logits, cache), with logits [B, T, V] float32, or [B, V] at `logits_index` [B] when given (prefill
+    only needs the last prompt token's). With `return_hidden`, also the residual stream after the embedding and
+    after every layer (a list of [B, T, H]).
+    """
+    dtype = config.jnp_dtype
+    inv_freq = jnp.asarray(config.inv_freq())
+    eps = config.rms_norm_eps
+    positions = positions.astype(jnp.int32)
+
+    h = params["embed_tokens"][tokens].astype(dtype)  # [B,T,H]; Qwen3 never scales embeddings
+    hidden = [h] if return_hidden else None
+    new_k, new_v = [], []
+    out, residual = None, None
+    for i, p in enumerate(params["layers"]):
+        if residual is None:
+            x, residual = ops.rms_norm(kernels, h, p["input_layernorm"], eps), h
+        else:
+            x, residual = ops.rms_norm(kernels, out, p["input_layernorm"], eps, residual=residual)
+            if return_hidden:
+                hidden.append(residual)
+        a, k_i, v_i = _attention_block(p, x, positions, cache.k[i], cache.v[i], inv_freq, config, kernels)
+        new_k.append(k_i)
+        new_v.append(v_i)
+        x, residual = ops.rms_norm(kernels, a, p["post_attention_layernorm"], eps, residual=residual)
+        out = _mlp(p, x)
+    x, residual = ops.rms_norm(kernels, out, params["norm"], eps, residual=residual)
+    if return_hidden:
+        hidden.append(residual)
+
+    if logits_index is not None:
+        x = jnp.take_along_axis(x, logits_index.astype(jnp.int32)[:, None, None], axis=1)[:, 0]  # [B,H]
+    lm_head = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
+    logits = linear(x, lm_head).astype(jnp.float32)  # HF: lm_head in the model dtype, then .float()
+    cache = KVCache(k=tuple(new_k), v=tuple(new_v))
+    return (logits, cache, hidden) if return_hidden else (logits, cache)

@@ -1,0 +1,17 @@
+"""Shared pytest set-up: GPU-only tests (marker `gpu`) skip cleanly where JAX sees no GPU."""
+
+import jax
+import pytest
+
+ON_GPU = jax.default_backend() == "gpu"
+# Pallas kernels run in interpret mode wherever there is no GPU (CI, laptops).
+INTERPRET = not ON_GPU
+
+
+def pytest_collection_modifyitems(config, items):
+    if ON_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (JAX backend is %s)" % jax.default_backend())
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
