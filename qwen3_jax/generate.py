@@ -272,14 +272,22 @@ def generate(model: Qwen3, prompts: str | Sequence[str] | Sequence[Sequence[int]
         tok, ids = model.tokenizer, prompts
     sampling = sampling or model.default_sampling()
 
-    on_tokens = None
+    on_tokens, decoders = None, []
     if on_text is not None:
         tok = model._require_tokenizer()
         decoders = [StreamDecoder(tok, skip_special_tokens=True) for _ in ids]
-        on_tokens = lambda row, new: (lambda t: t and on_text(row, t))(decoders[row].push(new))  # noqa: E731
+
+        def on_tokens(row: int, new: list[int]) -> None:
+            text = decoders[row].add(new)
+            if text:
+                on_text(row, text)
 
     tokens, stats = generate_tokens(model.config, model.params, ids, max_new_tokens=max_new_tokens,
                                     sampling=sampling, eos_token_ids=model.eos_token_ids, kernels=model.kernels,
                                     on_tokens=on_tokens, chunk=chunk)
+    for row, decoder in enumerate(decoders):
+        rest = decoder.flush()
+        if rest:
+            on_text(row, rest)
     texts = [tok.decode(t, skip_special_tokens=True) for t in tokens] if tok is not None else None
     return GenerationOutput(tokens, texts, stats)
