@@ -1,0 +1,181 @@
+"""GQA flash-decoding: one query token per row, the cache split along S (Pallas, Triton lowering).
+
+Grid (B, KV, splits). A program takes the G query heads of one kv head as the rows of its q tile (padded to
+16 rows, the Triton dot minimum; padding rows load zeros and are never stored), streams its chunk of the cache
+[B, KV, S, D] in place in block_k tiles, stops at lengths[b] (dynamic loop bound, so slots past the valid
+length are never loaded), and writes an unnormalised partial (acc, m, l). A small jnp step combines the
+splits. Splitting S lets a handful of long rows fill every SM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.attention import _LOG2E, _MASK, _MIN_ROWS, _dot, _next_pow2, attention_reference
+
+_NUM_SMS = 132  # H100 SXM and H200
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """Tile sizes. num_splits=None picks enough splits for about two programs per SM."""
+
+    block_k: int = 64
+    num_splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, groups, rows, block_k, chunk,
+                   scale):
+    # q_ref [G, D]; k_ref/v_ref [S, D] (the whole row, read in place); acc_ref [G, D]; m_ref/l_ref [G].
+    head_dim = k_ref.shape[1]
+    start = pl.program_id(2) * chunk
+    length = jnp.minimum(lengths_ref[()], k_ref.shape[0])
+    stop = jnp.minimum(start + chunk, length)  # valid keys of this split: [start, stop)
+    n_keys = jnp.maximum(stop - start, 0)
+
+    heads = pl.ds(0, rows)
+    row_ok = jnp.arange(rows) < groups if rows != groups else None  # padding rows: zero in, never stored
+    if row_ok is None:
+        q = q_ref[heads, :]
+    else:
+        q = plgpu.load(q_ref.at[heads, :], mask=row_ok[:, None], other=0)
+    qk_scale = scale * _LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
+
+    def body(j, carry, *, masked):
+        acc, m, l = carry
+        first = start + j * block_k
+        keys = pl.ds(first, block_k)
+        if masked:
+            kpos = first + jnp.arange(block_k)  # [block_k]
+            ok = kpos < stop
+            k = plgpu.load(k_ref.at[keys, :], mask=ok[:, None], other=0)
+            v = plgpu.load(v_ref.at[keys, :], mask=ok[:, None], other=0)
+        else:
+            k = k_ref[keys, :]
+            v = v_ref[keys, :]
+        s = _dot(q, k, trans_b=True) * qk_scale  # [rows, block_k] f32
+        if masked:
+            s = jnp.where(ok[None, :], s, _MASK)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = l * alpha + p.sum(axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)  # [rows, D]
+        return acc, m_new, l
+
+    carry = (jnp.zeros((rows, head_dim), jnp.float32),
+             jnp.full((rows,), -jnp.inf, jnp.float32),
+             jnp.zeros((rows,), jnp.float32))
+    n_full = n_keys // block_k
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    n_tiles = (n_keys + block_k - 1) // block_k
+    acc, m, l = lax.fori_loop(n_full, n_tiles, functools.partial(body, masked=True), carry)
+    # m is -inf for a split with no valid key: it gets zero weight in the combine.
+    if row_ok is None:
+        acc_ref[...] = acc
+        m_ref[...] = m
+        l_ref[...] = l
+    else:
+        plgpu.store(acc_ref.at[heads, :], acc, mask=row_ok[:, None])
+        plgpu.store(m_ref.at[heads], m, mask=row_ok)
+        plgpu.store(l_ref.at[heads], l, mask=row_ok)
+
+
+def _check(q, k_cache, v_cache, lengths):
+    if q.ndim != 3:
+        raise ValueError(f"q must be [B, Hq, D], got shape {q.shape}")
+    if k_cache.ndim != 4:
+        raise ValueError(f"k_cache must be [B, KV, S, D], got shape {k_cache.shape}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {v_cache.shape} must equal k_cache shape {k_cache.shape}")
+    if v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache dtype {v_cache.dtype} must equal k_cache dtype {k_cache.dtype}")
+    batch, num_heads, head_dim = q.shape
+    kb, num_kv, _, kd = k_cache.shape
+    if kb != batch:
+        raise ValueError(f"k_cache batch {kb} does not match q batch {batch}")
+    if kd != head_dim:
+        raise ValueError(f"k_cache head_dim {kd} does not match q head_dim {head_dim}")
+    if num_heads % num_kv:
+        raise ValueError(f"q heads ({num_heads}) must be a multiple of k_cache kv heads ({num_kv})")
+    if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be an integer array of shape ({batch},), "
+                         f"got {lengths.shape} {lengths.dtype}")
+
+
+def _num_splits(block: Block, batch: int, num_kv: int, kv_len: int, block_k: int) -> int:
+    max_splits = pl.cdiv(kv_len, block_k)
+    if block.num_splits is not None:
+        return max(1, min(block.num_splits, max_splits))
+    want = pl.cdiv(2 * _NUM_SMS, batch * num_kv)  # about two programs per SM
+    return max(1, min(want, pl.cdiv(kv_len, 4 * block_k)))  # but at least 4 tiles per split
+
+
+def decode_attention(q, k_cache, v_cache, lengths, *, block: Block | None = None, interpret: bool = False):
+    """Attention of one query per row, q [B,Hq,D], over the first lengths[b] slots of [B,KV,S,D] -> [B,Hq,D]."""
+    _check(q, k_cache, v_cache, lengths)
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} must equal k_cache dtype {k_cache.dtype}")
+    block = block or Block()
+    batch, num_heads, head_dim = q.shape
+    _, num_kv, kv_len, _ = k_cache.shape
+    groups = num_heads // num_kv
+    if head_dim < 16 or head_dim != _next_pow2(head_dim):
+        raise ValueError(f"q head_dim must be a power of two >= 16, got {head_dim}")
+    if block.block_k < 16 or block.block_k != _next_pow2(block.block_k):
+        raise ValueError(f"block_k must be a power of two >= 16, got {block}")
+    rows = max(_MIN_ROWS, _next_pow2(groups))
+    block_k = max(16, min(block.block_k, _next_pow2(kv_len)))
+    splits = _num_splits(block, batch, num_kv, kv_len, block_k)
+    chunk = pl.cdiv(pl.cdiv(kv_len, splits), block_k) * block_k  # keys per split, whole tiles
+    splits = pl.cdiv(kv_len, chunk)
+
+    kernel = functools.partial(_decode_kernel, groups=groups, rows=rows, block_k=block_k, chunk=chunk,
+                               scale=head_dim**-0.5)
+    q4 = q.reshape(batch, num_kv, groups, head_dim)  # [B, KV, G, D] (free view)
+    kv_spec = pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, s: (b, h, 0, 0))
+    acc, m, l = pl.pallas_call(
+        kernel,
+        grid=(batch, num_kv, splits),
+        in_specs=[
+            pl.BlockSpec((None,), lambda b, h, s: (b,)),
+            pl.BlockSpec((None, None, groups, head_dim), lambda b, h, s: (b, h, 0, 0)),
+            kv_spec,
+            kv_spec,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, groups, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, groups), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, None, groups), lambda b, h, s: (b, h, s, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, num_kv, splits, groups, head_dim), jnp.float32),  # acc
+            jax.ShapeDtypeStruct((batch, num_kv, splits, groups), jnp.float32),  # m (log2 domain)
+            jax.ShapeDtypeStruct((batch, num_kv, splits, groups), jnp.float32),  # l
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=block.num_warps, num_stages=block.num_stages),
+        interpret=interpret,
+        name="gqa_flash_decoding",
+    )(lengths.astype(jnp.int32), q4, k_cache, v_cache)
+
+    # Combine the splits: rescale each to the global max, sum, normalise.
+    m_all = m.max(axis=2, keepdims=True)  # [B, KV, 1, G], finite: split 0 always has a valid key
+    w = jnp.exp2(m - m_all)  # [B, KV, splits, G]
+    num = (w[..., None] * acc).sum(axis=2)  # [B, KV, G, D]
+    den = (w * l).sum(axis=2)  # [B, KV, G]
+    return (num / den[..., None]).astype(q.dtype).reshape(batch, num_heads, head_dim)
+
+
+def decode_attention_reference(q, k_cache, v_cache, lengths):
+    """Pure-jnp twin of `decode_attention`: the prefill reference with one query at position lengths[b] - 1."""
+    _check(q, k_cache, v_cache, lengths)
+    return attention_reference(q[:, None], k_cache, v_cache, lengths.astype(jnp.int32) - 1)[:, 0]
