@@ -110,29 +110,38 @@ class GenerationOutput:
 
 
 class _Steps:
-    """The jitted prefill and decode steps for one (config, kernels, greedy) triple, compiled once per shape."""
+    """The jitted prefill and decode-chunk steps for one configuration, compiled once per argument shape."""
 
     _cache: dict = {}
 
-    def __new__(cls, config: Qwen3Config, kernels: Kernels, greedy: bool):
-        key = (config, kernels, greedy)
+    def __new__(cls, config: Qwen3Config, kernels: Kernels, greedy: bool, chunk: int):
+        key = (config, kernels, greedy, chunk)
         if key not in cls._cache:
             self = super().__new__(cls)
-            self._init(config, kernels, greedy)
+            self._init(config, kernels, greedy, chunk)
             cls._cache[key] = self
         return cls._cache[key]
 
-    def _init(self, config, kernels, greedy):
+    def _init(self, config, kernels, greedy, chunk):
         def prefill(params, tokens, positions, cache, last_index, key, s):
             logits, cache = forward(params, tokens, positions, cache, config=config, kernels=kernels,
                                     logits_index=last_index)
             return sample(logits, key, None if greedy else s), cache
 
-        def decode(params, token, lengths, cache, key, step, s):
-            position = lengths + step  # [B]: step k writes the token generated k+1 steps after the prompt
-            logits, cache = forward(params, token[:, None], position[:, None], cache, config=config,
-                                    kernels=kernels)
-            return sample(logits[:, 0], jax.random.fold_in(key, step), None if greedy else s), cache
+        def decode(params, token, lengths, cache, key, step0, s):
+            """`chunk` decode steps in one device loop: no host round trip between tokens."""
+
+            def body(i, carry):
+                token, cache, out = carry
+                step = step0 + i  # step k feeds the token generated k steps after the prefill's
+                logits, cache = forward(params, token[:, None], (lengths + step)[:, None], cache, config=config,
+                                        kernels=kernels)
+                token = sample(logits[:, 0], jax.random.fold_in(key, step), None if greedy else s)
+                return token, cache, out.at[:, i].set(token)
+
+            out = jnp.zeros((token.shape[0], chunk), jnp.int32)
+            token, cache, out = jax.lax.fori_loop(0, chunk, body, (token, cache, out))
+            return out, token, cache
 
         self._jit = {"prefill": jax.jit(prefill, donate_argnames="cache"),
                      "decode": jax.jit(decode, donate_argnames="cache")}
@@ -165,7 +174,8 @@ def generate_tokens(config: Qwen3Config, params: dict, prompts: Sequence[Sequenc
     lengths = np.array([len(p) for p in prompts], np.int32)
     batch, longest = len(prompts), int(lengths.max())
     padded = _round_up(longest, PAD_MULTIPLE)
-    needed = int(lengths.max()) + max_new_tokens
+    n_chunks = -(-(max_new_tokens - 1) // chunk)  # decode runs whole chunks; extra tokens are dropped
+    needed = longest + n_chunks * chunk
     max_len = max_len or _round_up(max(needed, padded), PAD_MULTIPLE)
     cache = KVCache.init(config, batch, max_len)
     cache.check_fits(max(needed, padded))
@@ -174,7 +184,7 @@ def generate_tokens(config: Qwen3Config, params: dict, prompts: Sequence[Sequenc
     for row, p in enumerate(prompts):
         tokens[row, : len(p)] = p
     positions = np.broadcast_to(np.arange(padded, dtype=np.int32), (batch, padded))
-    steps = _Steps(config, kernels, sampling.greedy)
+    steps = _Steps(config, kernels, sampling.greedy, chunk)
     s = sampling.as_arrays()
     key = jax.random.key(sampling.seed)
     stats = GenerationStats(prompt_tokens=int(lengths.sum()))
@@ -184,7 +194,7 @@ def generate_tokens(config: Qwen3Config, params: dict, prompts: Sequence[Sequenc
     prefill = steps.compiled("prefill", *pre_args)
     pos = jnp.asarray(lengths)
     dec_args = (params, pos, pos, cache, key, jnp.int32(0), s)
-    decode = steps.compiled("decode", *dec_args) if max_new_tokens > 1 else None
+    decode = steps.compiled("decode", *dec_args) if n_chunks else None
     stats.compile_s = time.perf_counter() - t_compile
 
     t0 = time.perf_counter()
@@ -205,8 +215,7 @@ def generate_tokens(config: Qwen3Config, params: dict, prompts: Sequence[Sequenc
             if hits.size:
                 ids = ids[: hits[0] + 1]
                 done[row] = True
-            room = max_new_tokens - len(out[row])
-            ids = ids[:room]
+            ids = ids[: max_new_tokens - len(out[row])]
             out[row].extend(ids)
             if len(out[row]) >= max_new_tokens:
                 done[row] = True
@@ -215,16 +224,18 @@ def generate_tokens(config: Qwen3Config, params: dict, prompts: Sequence[Sequenc
 
     deliver(first[:, None])
     t1 = time.perf_counter()
-    pending, step = [], 0
-    while not done.all() and step < max_new_tokens - 1:
-        token, cache = decode(params, token, pos, cache, key, jnp.int32(step), s)
-        pending.append(token)
-        step += 1
-        if len(pending) == chunk or step == max_new_tokens - 1:
-            deliver(np.stack(jax.device_get(pending), axis=1))
-            pending = []
+    in_flight, n_run = None, 0
+    while n_run < n_chunks and not done.all():
+        # queue chunk i+1 before reading chunk i, so the device never waits for the host
+        block, token, cache = decode(params, token, pos, cache, key, jnp.int32(n_run * chunk), s)
+        n_run += 1
+        if in_flight is not None:
+            deliver(np.asarray(in_flight))
+        in_flight = block
+    if in_flight is not None:
+        deliver(np.asarray(in_flight))
     stats.decode_s = time.perf_counter() - t1
-    stats.decode_tokens = step * batch
+    stats.decode_tokens = n_run * chunk * batch
     stats.new_tokens = sum(len(o) for o in out)
     del cache
     return out, stats

@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -131,3 +133,18 @@ def test_cli_reports_bad_input_without_traceback(ckpt, tmp_path, capsys):
     assert "invalid sampling value top_p=1.5" in capsys.readouterr().err
     assert cli.main(["--model", str(ckpt), "--prompt", "   "]) == 2
     assert "empty prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_decode_chunk_updates_the_cache_in_place(model, chunk):
+    from qwen3_jax.generate import _Steps
+
+    cache = q.KVCache.init(model.config, 2, 64)
+    steps = _Steps(model.config, model.kernels, True, chunk)
+    lengths = jnp.asarray([3, 5], jnp.int32)
+    args = (model.params, lengths, lengths, cache, jax.random.key(0), jnp.int32(0),
+            q.SamplingParams().as_arrays())
+    compiled = steps.compiled("decode", *args)
+    assert compiled.memory_analysis().alias_size_in_bytes == cache.nbytes
+    block, _, _ = compiled(*args)
+    assert block.shape == (2, chunk)
