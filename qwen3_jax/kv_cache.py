@@ -13,6 +13,9 @@ from flax import struct
 from .config import Qwen3Config
 
 
+LEN_MULTIPLE = 64  # cache lengths are rounded up to this, so attention kernels' key tiles never straddle the end
+
+
 class CacheOverflowError(ValueError):
     """A step would write past the cache's max_len."""
 
@@ -24,9 +27,10 @@ class KVCache:
 
     @classmethod
     def init(cls, config: Qwen3Config, batch: int, max_len: int, dtype=None) -> "KVCache":
-        """An empty cache for `batch` rows of up to `max_len` positions."""
+        """An empty cache for `batch` rows of at least `max_len` positions (rounded up to a multiple of 64)."""
         if batch <= 0 or max_len <= 0:
             raise ValueError(f"cache batch and max_len must be positive, got batch={batch}, max_len={max_len}")
+        max_len = -(-max_len // LEN_MULTIPLE) * LEN_MULTIPLE
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
         dtype = dtype or config.jnp_dtype
         zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731  (a fresh buffer per layer, never shared)
