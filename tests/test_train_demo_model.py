@@ -1,0 +1,121 @@
+"""scripts/train_demo_model.py: corpus determinism, held-out names, chat template, reproducible training, export."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
+_spec = importlib.util.spec_from_file_location("train_demo_model", _SCRIPT)
+T = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(T)
+
+
+def _quick_args(out, *extra):
+    args = T.parse_args(["--out", str(out), "--quick", "--device", "cpu", *extra])
+    args.tok_sample = 500
+    return args
+
+
+def _words(text):
+    return set(re.findall(r"[A-Za-z]+", text))
+
+
+def test_corpus_is_deterministic():
+    a = T.sample_examples(0, 0, 7, 50)
+    assert a == T.sample_examples(0, 0, 7, 50)
+    assert a != T.sample_examples(1, 0, 7, 50)
+    assert a != T.sample_examples(0, 0, 8, 50)
+    assert {ex.task for ex in T.sample_examples(0, 0, 0, 300)} == set(T.TASKS)
+
+
+def test_held_out_names_never_in_training_corpus():
+    held = T.sample_examples(0, 1, 0, 300, held_out=True, task="recall")
+    names = set()
+    for ex in held:
+        facts = next(m["content"] for m in ex.messages if m["role"] == "user")
+        names |= {w for w in _words(facts) if w[0].isupper() and T.is_held_out(w)}
+    assert len(names) > 300  # entities and places of the held-out questions
+    training = set()
+    for stream, index in [(0, i) for i in range(20)] + [(2, 0)]:  # training batches and the BPE sample
+        for ex in T.sample_examples(0, stream, index, 100):
+            training |= _words(T.render_chat(ex.messages))
+    assert not names & training
+    rng = T.Rand([0, 5])
+    assert not any(T.is_held_out(T.invented_name(rng)) for _ in range(200))
+
+
+def test_fast_renderer_matches_chat_template():
+    for ex in T.sample_examples(3, 0, 0, 300):
+        for msgs in (ex.messages, ex.messages[:-1]):
+            for gen in (False, True):
+                for thinking in (False, True):
+                    assert T.render_chat(msgs, gen, thinking) == T.render_chat_jinja(msgs, gen, thinking)
+    ex = next(e for e in T.sample_examples(0, 0, 0, 200) if len(e.messages) >= 4 and "<think>" in
+              e.messages[-3]["content"])
+    assert T.render_chat(ex.messages).count("<think>") == 1  # the earlier turn's reasoning is dropped
+
+
+def test_labels_cover_exactly_the_assistant_answer(tmp_path):
+    args = _quick_args(tmp_path)
+    tok, max_len = T.build_tokenizer(args, log=lambda *_: None)
+    exs = T.sample_examples(0, 0, 0, 16)
+    ids, labels = T.encode_examples(tok, exs, max_len)
+    for ex, row, lab in zip(exs, ids, labels):
+        trained = tok.decode(row[lab != -100].tolist(), skip_special_tokens=False)
+        assert trained.endswith(ex.answer + "<|im_end|>")
+        assert trained.startswith("<think>\n" if ex.enable_thinking else ex.answer)
+        assert (lab[lab != -100] == row[lab != -100]).all()
+
+
+@pytest.mark.slow
+def test_training_is_reproducible(tmp_path):
+    args = _quick_args(tmp_path, "--steps", "4", "--batch", "8", "--log-every", "4")
+    tok, args.max_len = T.build_tokenizer(args, log=lambda *_: None)
+    curves = []
+    for _ in range(2):
+        torch.manual_seed(args.seed)
+        from transformers import Qwen3ForCausalLM
+        model = Qwen3ForCausalLM(T.model_config(args, 512, tok))
+        curves.append(T.train(model, tok, args, torch.device("cpu"), log=lambda *_: None))
+    assert len(curves[0]) == 4 and all(np.isfinite(curves[0]))
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_export_loads_in_transformers(tmp_path):
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+    out = tmp_path / "demo"
+    res = T.main(["--out", str(out), "--quick", "--device", "cpu", "--steps", "3", "--batch", "4", "--eval", "2"])
+    assert len(res["losses"]) == 3 and set(res) >= {"recall", "recall (thinking)", "copy", "sum"}
+    names = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+             "generation_config.json", "README.md"}
+    assert names <= {f.name for f in out.iterdir()}
+    assert sum(f.stat().st_size for f in out.iterdir()) < 25e6
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3" and cfg["num_attention_heads"] > cfg["num_key_value_heads"]
+    assert cfg["num_attention_heads"] * cfg["head_dim"] != cfg["hidden_size"] and cfg["vocab_size"] % 64 == 0
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["do_sample"] is False
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = Qwen3ForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16 and model.config.rope_parameters["rope_theta"] == 1e6
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert gen["eos_token_id"] == [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id]
+    msgs = [{"role": "user", "content": "The capital of Aistonia is Flubarg. What is the capital of Aistonia?"}]
+    for thinking in (False, True):
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
+        assert text == T.render_chat(msgs, True, thinking)
+    assert text.endswith("<|im_start|>assistant\n") and "<think>\n\n</think>\n\n" not in text
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    assert ids.shape[1] > 10 and "<|im_start|>" in tok.convert_ids_to_tokens(ids[0].tolist())
+    out_ids = model.generate(ids, max_new_tokens=4)
+    assert out_ids.shape[1] > ids.shape[1]
