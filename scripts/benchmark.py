@@ -1,0 +1,653 @@
+#!/usr/bin/env python3
+"""Benchmark qwen3-jax against Hugging Face transformers on random weights at the real Qwen3 shapes.
+
+    python scripts/benchmark.py --model 0.6B --json bench.json          # all four engines, appends to BENCHMARKS.md
+    python scripts/benchmark.py --model 8B --skip-compile --time-budget 480
+    python scripts/benchmark.py --config path/to/config.json --quick --no-append
+    python scripts/benchmark.py --from-json run1.json run2.json         # render saved runs and append them
+
+Engines, side by side on the same weights (HF's parameters are zero-copy DLPack views of the JAX arrays):
+jax-pallas (this project, Pallas kernels), jax-xla (this project, the jnp reference ops), hf-eager
+(transformers in PyTorch eager mode, sdpa attention) and hf-compile (static cache + torch.compile of the decode
+step, which transformers' `generate` does itself for a static cache; its prefill stays eager).
+Decode: greedy, no early stop, random prompt ids; tok/s = batch x decode steps / decode time (prefill excluded).
+Prefill: batch 1, time to first token. Limits are measured in the same run: decode against (weights + KV bytes
+read per step) / device copy bandwidth, prefill against FLOPs / bf16 matmul FLOP/s.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax: torch and JAX share the GPU
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from qwen3_jax.config import DTYPES, Qwen3Config  # noqa: E402
+from qwen3_jax.generate import PAD_MULTIPLE, _Steps, generate_tokens  # noqa: E402
+from qwen3_jax.kv_cache import KVCache  # noqa: E402
+from qwen3_jax.ops import Kernels  # noqa: E402
+from qwen3_jax.sampling import SamplingParams  # noqa: E402
+from qwen3_jax.weights import _hf_shapes, random_params, weight_table  # noqa: E402
+
+# The released Qwen3 dense checkpoints' config.json shapes (all: rms_norm_eps 1e-6, rope_theta 1e6, 40960 positions).
+_SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "head_dim", "vocab_size", "tie_word_embeddings")
+PRESETS = {
+    "tiny": dict(zip(_SHAPE, (128, 384, 2, 4, 2, 32, 1024, False))),  # for CPU smoke tests
+    "0.6B": dict(zip(_SHAPE, (1024, 3072, 28, 16, 8, 128, 151936, True))),
+    "1.7B": dict(zip(_SHAPE, (2048, 6144, 28, 16, 8, 128, 151936, True))),
+    "4B": dict(zip(_SHAPE, (2560, 9728, 36, 32, 8, 128, 151936, True))),
+    "8B": dict(zip(_SHAPE, (4096, 12288, 36, 32, 8, 128, 151936, False))),
+    "14B": dict(zip(_SHAPE, (5120, 17408, 40, 40, 8, 128, 151936, False))),
+    "32B": dict(zip(_SHAPE, (5120, 25600, 64, 64, 8, 128, 151936, False))),
+}
+ENGINES = ("jax-pallas", "jax-xla", "hf-eager", "hf-compile")
+GREEDY = SamplingParams.greedy_decoding()
+CHUNK = 8  # decode steps per device call in generate_tokens (its default)
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    kind: str  # "decode" or "prefill"
+    batch: int
+    prompt: int
+    new_tokens: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"decode b{self.batch} p{self.prompt}" if self.kind == "decode" else f"prefill {self.prompt}"
+
+
+# ---- model sizes, bytes and FLOPs ----------------------------------------------------------------------------
+def model_config(args) -> tuple[str, Qwen3Config]:
+    if args.config:
+        path = Path(args.config)
+        path = path / "config.json" if path.is_dir() else path
+        return path.parent.name or str(path), Qwen3Config.from_dict(json.loads(path.read_text()), dtype=args.dtype,
+                                                                     source=str(path))
+    shape = PRESETS[args.model]
+    return f"Qwen3-{args.model}", Qwen3Config(**shape, rms_norm_eps=1e-6, rope_theta=1e6,
+                                               max_position_embeddings=40960, dtype=args.dtype)
+
+
+def itemsize(config: Qwen3Config) -> int:
+    return np.dtype(config.jnp_dtype).itemsize
+
+
+def weight_bytes_per_step(config: Qwen3Config) -> int:
+    """Bytes of weights one decode step reads: all but an untied embedding table (only B of its rows are read)."""
+    unread = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    return (config.num_params() - unread) * itemsize(config)
+
+
+def kv_bytes(config: Qwen3Config, batch: int, positions: float) -> float:
+    """Bytes of K and V over `positions` cached positions for `batch` rows, all layers."""
+    per_position = 2 * config.num_hidden_layers * config.kv_size * itemsize(config)
+    return batch * positions * per_position
+
+
+def decode_floor_s(config: Qwen3Config, batch: int, prompt: int, steps: int, copy_bw: float) -> float:
+    """Fewest seconds per decode step: weights + the KV read at the mean context, at the measured copy bandwidth."""
+    mean_keys = prompt + (steps + 1) / 2  # decode step j (0..steps-1) attends prompt + j + 1 keys
+    return (weight_bytes_per_step(config) + kv_bytes(config, batch, mean_keys)) / copy_bw
+
+
+def prefill_flops(config: Qwen3Config, tokens: int) -> float:
+    """Matmul FLOPs of a causal prefill of `tokens` (batch 1), logits for the last token only."""
+    h, l = config.hidden_size, config.num_hidden_layers
+    linear = h * (config.q_size + 2 * config.kv_size) + config.q_size * h + 3 * h * config.intermediate_size
+    attention = 2 * tokens * tokens * config.num_attention_heads * config.head_dim * l  # 4 T^2 Hq D / 2 (causal)
+    return 2 * tokens * l * linear + attention + 2 * h * config.vocab_size
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+# ---- ceilings -------------------------------------------------------------------------------------------------
+def _timeit(fn, reps: int, sync) -> float:
+    """Median seconds of fn() over `reps` calls, after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure_ceilings(device: str, quick: bool) -> dict:
+    """Device copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s, measured with torch."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    big = device == "cuda" and not quick
+    n_copy = (1 << 30) if big else (1 << 24)  # bf16 elements: 2 GiB on the GPU
+    x = torch.randn(n_copy, device=device, dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    copy_s = _timeit(lambda: y.copy_(x), 20, sync)
+    del x, y
+    n = 8192 if device == "cuda" else 512
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mm_s = _timeit(lambda: a @ b, 20, sync)
+    del a, b
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"copy_bytes_per_s": 2 * n_copy * 2 / copy_s, "copy_gib": n_copy * 2 / 2**30,
+            "matmul_flops_per_s": 2 * n**3 / mm_s, "matmul_n": n}
+
+
+# ---- JAX engines ----------------------------------------------------------------------------------------------
+class JaxEngine:
+    """This project's generate_tokens, with Pallas kernels or the jnp reference ops."""
+
+    def __init__(self, name: str, config: Qwen3Config, params: dict, kernels: Kernels):
+        self.name, self.config, self.params, self.kernels = name, config, params, kernels
+        self.steps = _Steps(config, kernels, GREEDY.greedy, CHUNK)
+
+    def _generate(self, prompts, n: int, max_len: int):
+        return generate_tokens(self.config, self.params, prompts, max_new_tokens=n, sampling=GREEDY,
+                               eos_token_ids=(), kernels=self.kernels, chunk=CHUNK, max_len=max_len)[1]
+
+    def _executables(self, batch: int, prompt: int, max_len: int, decode: bool):
+        """The compiled prefill (and decode) steps for these shapes, as generate_tokens built them (cache hits)."""
+        padded = _round_up(prompt, PAD_MULTIPLE)
+        cache = jax.eval_shape(lambda: KVCache.init(self.config, batch, max_len))
+        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+        key, s = jax.random.key(GREEDY.seed), GREEDY.as_arrays()
+        out = {"prefill": self.steps.compiled("prefill", self.params, i32(batch, padded), i32(batch, padded),
+                                              cache, i32(batch), key, s)}
+        if decode:
+            out["decode"] = self.steps.compiled("decode", self.params, i32(batch), i32(batch), cache, key,
+                                                jnp.int32(0), s)
+        cache_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(cache))
+        return out, cache_bytes
+
+    def _memory(self, executables) -> int:
+        """Planned device bytes of the larger step: arguments (params, cache) + outputs - aliased + temporaries."""
+        peaks = []
+        for exe in executables.values():
+            m = exe.memory_analysis()
+            peaks.append(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                         + m.temp_size_in_bytes)
+        return max(peaks)
+
+    def run(self, w: Workload, ids: np.ndarray, reps: int, cap_s: float) -> dict:
+        prompts = ids.tolist()
+        n = w.new_tokens
+        steps = _round_up(n - 1, CHUNK)  # decode runs whole chunks of CHUNK steps
+        max_len = _round_up(max(w.prompt + steps, _round_up(w.prompt, PAD_MULTIPLE)), PAD_MULTIPLE)
+        warm = self._generate(prompts, min(n, 2), max_len)  # compiles the steps of the timed runs' shapes
+        stats = [self._generate(prompts, n, max_len) for _ in range(reps)]
+        n_compiled = len(self.steps._compiled)
+        exes, cache_bytes = self._executables(w.batch, w.prompt, max_len, decode=n > 1)
+        if len(self.steps._compiled) != n_compiled:  # the shapes above should be exactly generate_tokens' own
+            log(f"  note: {self.name}: the memory/alias check compiled new executables (shape mismatch)")
+        row = {"new_tokens": n, "warmup_s": warm.compile_s, "peak_bytes": self._memory(exes),
+               "ttft_s": statistics.median(s.prefill_s for s in stats),
+               "prefill_s_all": [s.prefill_s for s in stats]}
+        if n > 1:
+            decode_s = statistics.median(s.decode_s for s in stats)
+            row.update(decode_s=decode_s, decode_steps=stats[0].decode_tokens // w.batch,
+                       decode_s_all=[s.decode_s for s in stats])
+            alias = exes["decode"].memory_analysis().alias_size_in_bytes
+            row.update(alias_bytes=alias, cache_bytes=cache_bytes, cache_aliased=alias == cache_bytes)
+        return row
+
+
+# ---- Hugging Face engines -------------------------------------------------------------------------------------
+def hf_config(config: Qwen3Config):
+    """The transformers Qwen3Config for our config (sdpa attention, no EOS)."""
+    from transformers import Qwen3Config as HFQwen3Config
+
+    rope = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
+    if config.rope_type == "linear":
+        rope["factor"] = config.rope_factor
+    return HFQwen3Config(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_position_embeddings, tie_word_embeddings=config.tie_word_embeddings,
+        rope_parameters=rope, max_window_layers=config.num_hidden_layers, use_sliding_window=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None, attn_implementation="sdpa",
+    )
+
+
+def _to_torch(x: jax.Array, device: str):
+    """A torch view of a JAX array on the same device (DLPack, no copy), else a copy through host memory."""
+    import torch
+
+    platform = next(iter(x.devices())).platform
+    if (platform == "gpu") == (device == "cuda"):
+        return torch.from_dlpack(x)
+    dtype = getattr(torch, str(x.dtype))
+    return torch.from_numpy(np.asarray(x.astype(jnp.float32))).to(device=device, dtype=dtype)
+
+
+def hf_model_from_params(config: Qwen3Config, params: dict, device: str):
+    """A transformers Qwen3ForCausalLM whose weights are the JAX params (q/k/v and gate/up unfused as views)."""
+    import torch
+    from transformers import GenerationConfig, Qwen3ForCausalLM
+
+    cfg = hf_config(config)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg)
+    shapes = _hf_shapes(config)
+    for path, (keys, _) in weight_table(config).items():
+        value = params
+        for part in path:
+            value = value[part]
+        tensor = _to_torch(value, device)
+        parts = torch.split(tensor, [shapes[k][0] for k in keys], dim=0) if len(keys) > 1 else (tensor,)
+        for key, part in zip(keys, parts):
+            module, name = key.rsplit(".", 1)
+            model.get_submodule(module)._parameters[name] = torch.nn.Parameter(part, requires_grad=False)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    rotary = model.model.rotary_emb
+    with torch.device(device):
+        model.model.rotary_emb = type(rotary)(config=cfg)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"HF model tensors left without weights: {left[:5]}")
+    model.generation_config = GenerationConfig(do_sample=False, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    return model.eval()
+
+
+class HFEngine:
+    """transformers' generate in eager mode (dynamic cache) or with a static cache and its automatic torch.compile."""
+
+    def __init__(self, name: str, model, device: str, shared_bytes: int):
+        import torch
+
+        self.name, self.model, self.device, self.shared_bytes = name, model, device, shared_bytes
+        self.static = name == "hf-compile"
+        self.cuda = device == "cuda"
+        self.torch = torch
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def _generate(self, ids, n: int) -> tuple[float, float]:
+        """(time to first token, decode seconds for the other n-1 tokens) of one generate call."""
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        sync, stamp = self.sync, {}
+
+        class FirstLogits(LogitsProcessor):  # runs right after the prefill forward: the prefill's end
+            def __call__(self, input_ids, scores):
+                if "t" not in stamp:
+                    sync()
+                    stamp["t"] = time.perf_counter()
+                return scores
+
+        extra = {}
+        if self.static:  # transformers compiles the decode step itself for a static cache: one graph per shape
+            from transformers import CompileConfig
+
+            extra = {"cache_implementation": "static",
+                     "compile_config": CompileConfig(fullgraph=True, dynamic=False)}
+        sync()
+        t0 = time.perf_counter()
+        out = self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=n,
+                                  do_sample=False, logits_processor=LogitsProcessorList([FirstLogits()]), **extra)
+        sync()
+        t1 = time.perf_counter()
+        want = (ids.shape[0], ids.shape[1] + n)
+        if tuple(out.shape) != want:
+            raise RuntimeError(f"generate returned shape {tuple(out.shape)}, expected {want} (stopped early?)")
+        return stamp["t"] - t0, t1 - stamp["t"]
+
+    def _prefill(self, ids) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        with self.torch.inference_mode():
+            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+            logits[:, -1].argmax(-1).cpu()
+        return time.perf_counter() - t0
+
+    def run(self, w: Workload, ids: np.ndarray, reps: int, cap_s: float) -> dict:
+        torch = self.torch
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        row = {}
+        if w.kind == "prefill":
+            t = time.perf_counter()
+            self._prefill(ids)
+            row["warmup_s"] = time.perf_counter() - t
+            times = [self._prefill(ids) for _ in range(reps)]
+            row.update(new_tokens=1, ttft_s=statistics.median(times), prefill_s_all=times)
+        else:
+            t = time.perf_counter()
+            if self.static:  # compile at the full cache length, then a second call so CUDA graphs are recorded
+                self._generate(ids, w.new_tokens)
+                _, probe_s = self._generate(ids, min(w.new_tokens, 16))
+                probe_steps = min(w.new_tokens, 16) - 1
+            else:  # the first call is cold: time the second
+                for _ in range(2):
+                    _, probe_s = self._generate(ids, min(w.new_tokens, 8))
+                probe_steps = min(w.new_tokens, 8) - 1
+            row["warmup_s"] = time.perf_counter() - t
+            n = w.new_tokens
+            step_s = probe_s / max(probe_steps, 1)
+            if cap_s and step_s * (n - 1) > cap_s:  # slow engine: fewer new tokens per timed run
+                n = max(16, min(n, int(cap_s / step_s) + 1))
+            runs = [self._generate(ids, n) for _ in range(reps)]
+            row.update(new_tokens=n, ttft_s=statistics.median(r[0] for r in runs),
+                       decode_s=statistics.median(r[1] for r in runs), decode_steps=n - 1,
+                       decode_s_all=[r[1] for r in runs], prefill_s_all=[r[0] for r in runs])
+            if n < w.new_tokens:
+                row["note"] = f"{n} of {w.new_tokens} new tokens (slow)"
+        if self.cuda:
+            row["peak_bytes"] = torch.cuda.max_memory_allocated() + self.shared_bytes
+        return row
+
+
+# ---- the run --------------------------------------------------------------------------------------------------
+def workloads(args) -> list[Workload]:
+    """Decode at the first prompt length, then prefill, then the other prompt lengths: a time budget cuts the last."""
+    decode = [[Workload("decode", b, p, args.new_tokens) for b in args.batches] for p in args.prompts]
+    prefill = [Workload("prefill", 1, t) for t in args.prefill]
+    return [*(decode[0] if decode else []), *prefill, *[w for ws in decode[1:] for w in ws]]
+
+
+def _git_commit() -> str:
+    try:
+        def git(*a):
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no")
+                                                      else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _device_name(torch_device: str) -> str:
+    if torch_device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    d = jax.devices()[0]
+    return f"{d.platform}: {d.device_kind}"
+
+
+def finish_row(row: dict, w: Workload, config: Qwen3Config, ceilings: dict) -> dict:
+    """Rates and fractions of the measured limits from a row's raw times."""
+    if "decode_s" in row and row["decode_s"] > 0:
+        step_s = row["decode_s"] / row["decode_steps"]
+        floor = decode_floor_s(config, w.batch, w.prompt, row["decode_steps"], ceilings["copy_bytes_per_s"])
+        row.update(tok_per_s=w.batch / step_s, ms_per_step=step_s * 1e3, limit_frac=floor / step_s)
+    elif w.kind == "prefill" and row.get("ttft_s"):
+        row.update(tok_per_s=w.prompt / row["ttft_s"],
+                   limit_frac=prefill_flops(config, w.prompt) / row["ttft_s"] / ceilings["matmul_flops_per_s"])
+    return row
+
+
+def run_benchmark(args) -> dict:
+    import torch
+
+    model_name, config = model_config(args)
+    jax_platform = jax.devices()[0].platform
+    device = "cuda" if jax_platform == "gpu" and torch.cuda.is_available() else "cpu"
+    result = {
+        "meta": {"model": model_name, "config": dataclasses.asdict(config), "gpu": _device_name(device),
+                 "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                 "commit": args.commit or _git_commit(), "command": args.command,
+                 "versions": {"jax": jax.__version__, "torch": torch.__version__,
+                              "transformers": _version("transformers")},
+                 "params": config.num_params(), "weight_bytes": config.num_params() * itemsize(config)},
+        "rows": [],
+    }
+    log(f"{model_name}: {config.num_params() / 1e9:.3f} B params, {config.dtype}, on {result['meta']['gpu']}")
+    result["ceilings"] = ceilings = measure_ceilings(device, args.quick)
+    log(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"matmul {ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s")
+
+    t = time.perf_counter()
+    params = jax.block_until_ready(random_params(config, args.seed))
+    result["meta"]["init_s"] = {"jax": time.perf_counter() - t}
+    engines = {}
+    for name in args.engines:
+        if name == "jax-pallas":
+            engines[name] = JaxEngine(name, config, params, Kernels.pallas())
+        elif name == "jax-xla":
+            engines[name] = JaxEngine(name, config, params, Kernels.reference())
+    if any(e.startswith("hf-") for e in args.engines):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        dynamo = torch._dynamo.config  # one compiled graph per (batch, cache length): allow more than 8
+        setattr(dynamo, "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit", 64)
+        t = time.perf_counter()
+        model = hf_model_from_params(config, params, device)
+        result["meta"]["init_s"]["hf"] = time.perf_counter() - t
+        shared = result["meta"]["weight_bytes"] if device == "cuda" and jax_platform == "gpu" else 0
+        for name in args.engines:
+            if name.startswith("hf-"):
+                engines[name] = HFEngine(name, model, device, shared)
+    log(f"weights ready in {result['meta']['init_s']}")
+
+    plan = workloads(args)
+    # hf-eager before the JAX engines of each workload: JAX's allocator never hands memory back, torch's does.
+    # hf-compile after everything: it compiles for each shape, so a time budget cuts it first.
+    first = [e for e in ("hf-eager", "jax-pallas", "jax-xla") if e in args.engines]
+    order = [(w, e) for w in plan for e in first]
+    order += [(w, "hf-compile") for w in plan if "hf-compile" in args.engines]
+    last_s = {}
+    for w, name in order:
+        row = {"engine": name, "workload": w.name, "kind": w.kind, "batch": w.batch, "prompt": w.prompt,
+               "requested_new_tokens": w.new_tokens}
+        result["rows"].append(row)
+        if name == "hf-compile" and w.kind == "prefill":
+            row["note"] = "n/a: generate compiles decode only; prefill is hf-eager's"
+            continue
+        elapsed = time.perf_counter() - _T0
+        if args.time_budget and elapsed + last_s.get((name, w.kind), 0.0) > args.time_budget:
+            row["note"] = "skipped: time budget"
+            log(f"{name:10s} {w.name:18s} skipped (time budget)")
+            continue
+        rng = np.random.default_rng([args.seed, w.batch, w.prompt])
+        ids = rng.integers(0, config.vocab_size, (w.batch, w.prompt), dtype=np.int64)
+        t = time.perf_counter()
+        try:
+            row.update(engines[name].run(w, ids, args.reps, args.hf_cap_s))
+            finish_row(row, w, config, ceilings)
+        except Exception as e:  # one failure (an OOM, a kernel error) must not end the run
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+        finally:
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()  # hand torch's cached blocks back for JAX to grow into
+        last_s[(name, w.kind)] = time.perf_counter() - t
+        row["wall_s"] = last_s[(name, w.kind)]
+        log(f"{name:10s} {w.name:18s} " + (row["error"] if "error" in row else
+            f"{row.get('tok_per_s', 0):10,.1f} tok/s  {100 * row.get('limit_frac', 0):5.1f}% of limit  "
+            f"({row['wall_s']:.1f} s)"))
+        if args.json:
+            _write_json(args.json, result)
+
+    stats = jax.devices()[0].memory_stats() or {}
+    result["meta"]["jax_peak_bytes"] = stats.get("peak_bytes_in_use")
+    result["meta"]["total_s"] = time.perf_counter() - _T0
+    return result
+
+
+def _version(package: str) -> str:
+    try:
+        return __import__(package).__version__
+    except ImportError:
+        return "not installed"
+
+
+def _write_json(path, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")
+
+
+# ---- the table ------------------------------------------------------------------------------------------------
+def _fmt(x, spec: str, unit: str = "") -> str:
+    return "—" if x is None else f"{x:{spec}}{unit}"
+
+
+def render(results: list[dict]) -> str:
+    """A markdown section for one or more runs of the same model (rows merged, ratios across them)."""
+    first = results[0]["meta"]
+    if any(r["meta"]["model"] != first["model"] for r in results):
+        raise ValueError("--from-json: the runs are of different models")
+    rows = [row for r in results for row in r["rows"]]
+    plan = list(dict.fromkeys(row["workload"] for row in rows))
+    rows.sort(key=lambda row: (plan.index(row["workload"]), ENGINES.index(row["engine"])))
+    rate = {(row["engine"], row["workload"]): row.get("tok_per_s") for row in rows}
+    p = first["params"]
+    lines = [f"## {first['model']} — {first['gpu']}, {first['date']}", ""]
+    for r in results:
+        m, c = r["meta"], r["ceilings"]
+        init = ", ".join(f"{k} {v:.1f} s" for k, v in m.get("init_s", {}).items())
+        lines += [f"- `{m['command']}` (commit {m['commit']}, {m['gpu']}, {m['date']}, jax {m['versions']['jax']}, "
+                  f"torch {m['versions']['torch']}, transformers {m['versions']['transformers']})",
+                  f"  - measured limits: device copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write, "
+                  f"{c['copy_gib']:.0f} GiB), bf16 matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s "
+                  f"({c['matmul_n']}^3); weight init: {init}; run took {m.get('total_s', 0):.0f} s"]
+    lines += [
+        f"- {p / 1e9:.3f} B params ({first['config']['dtype']}, random weights, {first['weight_bytes'] / 1e9:.2f} GB); "
+        "HF's parameters are DLPack views of the JAX arrays, so both run on the very same weights",
+        "- decode: greedy, no early stop, random prompt ids; tok/s = batch x steps / decode time (prefill "
+        f"excluded; JAX runs whole chunks of {CHUNK} steps on the device, so n new tokens cost "
+        f"ceil((n-1)/{CHUNK})x{CHUNK} steps); limit = (weights + KV read per step at the mean context) / copy "
+        "bandwidth",
+        "- prefill: batch 1, time to first token; limit = FLOPs (2 x params x T + causal attention) / matmul peak",
+        "- peak GB: JAX = planned bytes of its largest step (params + cache + temporaries); HF = "
+        "torch.cuda.max_memory_allocated + the shared weights; warm-up s: JAX compile, HF first calls",
+        "",
+        "| engine | workload | tok/s | ms/step | TTFT ms | % of limit | × HF eager | × HF compile | peak GB "
+        "| warm-up s | notes |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        tok = row.get("tok_per_s")
+        ratios = []
+        for ref in ("hf-eager", "hf-compile"):
+            base = rate.get((ref, row["workload"]))
+            ratios.append(_fmt(tok / base if tok and base else None, ".2f", "×"))
+        note = row.get("error") or row.get("note", "")
+        lines.append(" | ".join([
+            f"| {row['engine']}", row["workload"],
+            _fmt(tok, ",.0f" if (tok or 0) >= 100 else ".1f"), _fmt(row.get("ms_per_step"), ".2f"),
+            _fmt(row["ttft_s"] * 1e3 if "ttft_s" in row else None, ".1f"),
+            _fmt(100 * row["limit_frac"] if "limit_frac" in row else None, ".0f", "%"), *ratios,
+            _fmt(row["peak_bytes"] / 1e9 if row.get("peak_bytes") else None, ".1f"),
+            _fmt(row.get("warmup_s"), ".1f"), note.replace("|", "/") + " |"]))
+    aliased = [row for row in rows if "cache_aliased" in row]
+    if aliased:
+        ok = sum(row["cache_aliased"] for row in aliased)
+        lines += ["", f"JAX decode steps update the KV cache in place: compiled alias bytes == cache bytes for {ok} of "
+                      f"{len(aliased)} decode executables" + ("" if ok == len(aliased) else " (NOT all: see JSON)")]
+    peaks = [f"{r['meta']['jax_peak_bytes'] / 1e9:.1f} GB" for r in results if r["meta"].get("jax_peak_bytes")]
+    if peaks:
+        lines += ["", f"JAX's runtime peak of device bytes in use over the whole run: {', '.join(peaks)}"]
+    return "\n".join(lines) + "\n"
+
+
+def append_markdown(path: Path, text: str) -> None:
+    path = Path(path)
+    head = "" if path.is_file() else ("# Benchmarks\n\nWritten by `scripts/benchmark.py`: qwen3-jax against Hugging "
+                                      "Face transformers on random weights at the real Qwen3 shapes.\n")
+    with path.open("a") as f:
+        f.write(head + "\n" + text)
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(PRESETS), default="0.6B", help="Qwen3 size (random weights)")
+    p.add_argument("--config", help="a config.json (or its directory) to benchmark instead of a preset")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weight and activation dtype")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {', '.join(ENGINES)}")
+    p.add_argument("--skip-compile", action="store_true", help="drop hf-compile (it compiles for minutes)")
+    p.add_argument("--batches", type=_ints, default=[1, 8, 64], help="decode batch sizes")
+    p.add_argument("--prompts", type=_ints, default=[128, 1024], help="decode prompt lengths")
+    p.add_argument("--new-tokens", type=int, default=256, help="new tokens per decode run (greedy, no early stop)")
+    p.add_argument("--prefill", type=_ints, default=[2048, 8192], help="prefill prompt lengths (batch 1)")
+    p.add_argument("--chunk", type=int, default=CHUNK, help="JAX decode steps per device call (generate's chunk)")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per workload (median reported)")
+    p.add_argument("--hf-cap-s", type=float, default=3.0,
+                   help="HF decode: fewer new tokens when a run would take longer than this (0: never)")
+    p.add_argument("--time-budget", type=float, default=0,
+                   help="seconds after which remaining workloads are skipped (0: no limit)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
+    p.add_argument("--quick", action="store_true", help="smoke run: batches 1,8, prompt 128, 32 new tokens, "
+                                                        "prefill 512, 2 reps, small ceilings")
+    p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file the table is appended to")
+    p.add_argument("--no-append", action="store_true", help="print the table only")
+    p.add_argument("--json", help="also write the raw numbers here (rewritten after every workload)")
+    p.add_argument("--commit", help="git commit to record (default: git rev-parse of this checkout)")
+    p.add_argument("--from-json", nargs="+", metavar="JSON", help="render saved runs (one model) instead of measuring")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batches, args.prompts, args.new_tokens, args.prefill, args.reps = [1, 8], [128], 32, [512], 2
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    bad = [e for e in args.engines if e not in ENGINES]
+    if bad:
+        p.error(f"unknown engine(s) {bad}; choose from {', '.join(ENGINES)}")
+    if args.skip_compile:
+        args.engines = [e for e in args.engines if e != "hf-compile"]
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be at least 2 (one prefill token and at least one decode step)")
+    if args.reps < 1:
+        p.error("--reps must be at least 1")
+    args.command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def main(argv=None) -> int:
+    global CHUNK
+    args = parse_args(argv)
+    CHUNK = args.chunk  # read by JaxEngine and the table's notes
+    if args.from_json:
+        results = [json.loads(Path(f).read_text()) for f in args.from_json]
+    else:
+        results = [run_benchmark(args)]
+        if args.json:
+            _write_json(args.json, results[0])
+    text = render(results)
+    print(text, flush=True)
+    if not args.no_append:
+        append_markdown(args.out, text)
+        log(f"appended to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
