@@ -28,12 +28,13 @@ _MIN_ROWS = 16  # Triton dots need every dimension >= 16
 class Block:
     """Tile sizes. block_q counts query tokens per tile; the tile has block_q * G rows (G heads stacked).
 
-    block_q=None picks 128 // G tokens (64 // G for f32), i.e. a fixed row count whatever the GQA ratio.
+    block_q=None picks 64 // G tokens, i.e. a fixed 64-row tile whatever the GQA ratio (fastest on an H100 at
+    T=4096, 32/8 heads: 381-412 us against 499-508 us for 128 rows and 8 warps).
     """
 
     block_q: int | None = None
     block_k: int = 64
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 3
 
 
@@ -147,7 +148,7 @@ def attention(q, k_cache, v_cache, q_start, *, block: Block | None = None, inter
     groups_pad = _next_pow2(groups)
     if head_dim < 16 or head_dim != _next_pow2(head_dim):
         raise ValueError(f"q head_dim must be a power of two >= 16, got {head_dim}")
-    block_q = block.block_q or max(1, (64 if wide else 128) // groups_pad)
+    block_q = block.block_q or max(1, 64 // groups_pad)
     block_k = block.block_k
     if block_q != _next_pow2(block_q) or block_k != _next_pow2(block_k) or block_k < 16:
         raise ValueError(f"block sizes must be powers of two (block_k >= 16), got {block}")
