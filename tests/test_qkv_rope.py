@@ -91,6 +91,13 @@ def test_kernel_matches_reference(batch, seq, hidden, num_heads, num_kv_heads, h
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_reference_matches_numpy(dtype):
+    # The reference's own math, on the CPU: the ulp bounds assume correctly rounded f32 sin/cos/rsqrt, which
+    # GPU libraries do not promise. On the GPU, kernels are compared with this same reference instead.
+    with jax.default_device(jax.devices("cpu")[0]):
+        _reference_matches_numpy(dtype)
+
+
+def _reference_matches_numpy(dtype):
     heads = dict(num_heads=8, num_kv_heads=2, head_dim=64)
     x, w_qkv, *rest = args = make_inputs(11, 2, 24, 160, 8, 2, 64, dtype)
     # The projection against a float64 matmul: within one rounding plus f32 accumulation error.
