@@ -45,6 +45,23 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _softmax_init(rows: int, head_dim: int):
+    """The online-softmax carry (acc [rows, D], running max m, running sum l), all f32."""
+    return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def _softmax_step(carry, s, v):
+    """Fold one key tile into the carry: s [rows, block_k] scores in log2 units (f32), v [block_k, D]."""
+    acc, m, l = carry
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l = l * alpha + p.sum(axis=1)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)  # [rows, D]; p in the value dtype, as HF
+    return acc, m_new, l
+
+
 def _dot(a, b, *, trans_b=False):
     """a @ b (or a @ b.T) with f32 accumulation; HIGHEST keeps f32 inputs off TF32."""
     dims = (((1,), (1 if trans_b else 0,)), ((), ()))
@@ -78,7 +95,6 @@ def _attention_kernel(q_start_ref, q_ref, k_ref, v_ref, o_ref, *, seq_len, group
     qk_scale = scale * _LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
 
     def body(j, carry, *, masked):
-        acc, m, l = carry
         keys = pl.ds(j * block_k, block_k)
         if masked:
             kpos = j * block_k + jnp.arange(block_k)  # [block_k]
@@ -91,16 +107,9 @@ def _attention_kernel(q_start_ref, q_ref, k_ref, v_ref, o_ref, *, seq_len, group
         s = _dot(q, k, trans_b=True) * qk_scale  # [rows, block_k] f32
         if masked:
             s = jnp.where(kpos[None, :] <= row_pos[:, None], s, _MASK)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        l = l * alpha + p.sum(axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)  # [rows, D]
-        return acc, m_new, l
+        return _softmax_step(carry, s, v)
 
-    carry = (jnp.zeros((rows, head_dim), jnp.float32),
-             jnp.full((rows,), -jnp.inf, jnp.float32),
-             jnp.zeros((rows,), jnp.float32))
+    carry = _softmax_init(rows, head_dim)
     n_full = (first_pos + 1) // block_k  # key tiles wholly at or below every row's position
     n_end = (block_last + block_k) // block_k  # ceil((block_last + 1) / block_k)
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)

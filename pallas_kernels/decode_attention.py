@@ -18,7 +18,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.attention import _LOG2E, _MASK, _MIN_ROWS, _dot, _next_pow2, attention_reference
+from pallas_kernels.attention import (_LOG2E, _MASK, _MIN_ROWS, _dot, _next_pow2, _softmax_init, _softmax_step,
+                                      attention_reference)
 
 _NUM_SMS = 132  # H100 SXM and H200
 
@@ -51,7 +52,6 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g
     qk_scale = scale * _LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
 
     def body(j, carry, *, masked):
-        acc, m, l = carry
         first = start + j * block_k
         keys = pl.ds(first, block_k)
         if masked:
@@ -65,16 +65,9 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g
         s = _dot(q, k, trans_b=True) * qk_scale  # [rows, block_k] f32
         if masked:
             s = jnp.where(ok[None, :], s, _MASK)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        l = l * alpha + p.sum(axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)  # [rows, D]
-        return acc, m_new, l
+        return _softmax_step(carry, s, v)
 
-    carry = (jnp.zeros((rows, head_dim), jnp.float32),
-             jnp.full((rows,), -jnp.inf, jnp.float32),
-             jnp.zeros((rows,), jnp.float32))
+    carry = _softmax_init(rows, head_dim)
     n_full = n_keys // block_k
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
     n_tiles = (n_keys + block_k - 1) // block_k
