@@ -66,7 +66,8 @@ def load(model_dir: str | Path, *, dtype: str | None = None, kernels: str | Kern
     """Load a Hugging Face Qwen3 checkpoint directory (config, safetensors weights, tokenizer, generation config)."""
     model_dir = Path(model_dir)
     config = Qwen3Config.from_pretrained(model_dir, dtype=dtype)
-    params = load_params(model_dir, config)
+    kernels = Kernels.resolve(kernels)
+    # the small files first, so a broken tokenizer or generation config fails before gigabytes are read
     tokenizer = Tokenizer.from_pretrained(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     gen_path = model_dir / "generation_config.json"
     generation_config = {}
@@ -75,7 +76,8 @@ def load(model_dir: str | Path, *, dtype: str | None = None, kernels: str | Kern
             generation_config = json.loads(gen_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{gen_path}: not valid JSON ({e})") from None
-    return Qwen3(config, params, tokenizer, generation_config, Kernels.resolve(kernels), model_dir)
+    params = load_params(model_dir, config)
+    return Qwen3(config, params, tokenizer, generation_config, kernels, model_dir)
 
 
 @dataclasses.dataclass

@@ -148,3 +148,16 @@ def test_decode_chunk_updates_the_cache_in_place(model, chunk):
     assert compiled.memory_analysis().alias_size_in_bytes == cache.nbytes
     block, _, _ = compiled(*args)
     assert block.shape == (2, chunk)
+
+
+def test_load_names_a_broken_generation_config_before_reading_weights(ckpt, tmp_path):
+    import shutil
+
+    broken = tmp_path / "ckpt"
+    shutil.copytree(ckpt, broken)
+    (broken / "generation_config.json").write_text("{oops")
+    (broken / "model.safetensors").write_bytes(b"")  # never reached
+    with pytest.raises(ValueError, match="generation_config.json:? (is )?not valid JSON"):
+        q.load(broken)
+    with pytest.raises(ValueError, match="kernels must be 'auto', 'pallas' or 'reference'"):
+        q.load(ckpt, kernels="triton")
