@@ -26,6 +26,9 @@ from .tokenizer import StreamDecoder, Tokenizer
 from .weights import load_params
 
 PAD_MULTIPLE = 64  # prompt lengths and cache sizes are rounded up to this, so similar requests share compilations
+# XLA may otherwise skip a bf16 rounding between fused ops ("excess precision"); torch rounds after every op, and
+# so must we to produce HF's exact tokens.
+EXACT_ROUNDING = {"xla_allow_excess_precision": False}
 
 
 @dataclasses.dataclass
@@ -153,7 +156,7 @@ class _Steps:
         """The compiled executable for these argument shapes (lowered and compiled on first use)."""
         sig = (name, tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
         if sig not in self._compiled:
-            self._compiled[sig] = self._jit[name].lower(*args).compile()
+            self._compiled[sig] = self._jit[name].lower(*args).compile(compiler_options=EXACT_ROUNDING)
         return self._compiled[sig]
 
 
