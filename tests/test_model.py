@@ -164,3 +164,27 @@ def test_donation_aliases_the_whole_cache():
     _, new_cache = compiled(params, tok, tok, cache)  # the filterwarnings=error setting fails on unusable donation
     assert all(k.is_deleted() for k in cache.k)
     assert new_cache.k[0].shape == cache.k[0].shape
+
+
+@pytest.mark.gpu
+def test_real_shape_kernels_stay_finite_and_track_reference_on_gpu():
+    """Qwen3-0.6B shapes, bf16, q/k norm weights up to 100: every layer finite, kernels track the XLA path."""
+    config = q.Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                           num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+    params = q.weights.random_params(config, seed=3)
+    for i, layer in enumerate(params["layers"]):
+        for name in ("q_norm", "k_norm"):
+            key = jax.random.key(100 + 2 * i + (name == "k_norm"))
+            layer[name] = jax.random.uniform(key, (128,), jnp.float32, 0, 100).astype(jnp.bfloat16)
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, 151936, (2, 300)))
+    pos = jnp.broadcast_to(jnp.arange(300, dtype=jnp.int32), (2, 300))
+    outs = {}
+    for kernels in (q.Kernels.reference(), q.Kernels.pallas(interpret=False)):
+        step = jax.jit(lambda p, t, s, c, k=kernels: q.forward(p, t, s, c, config=config, kernels=k,
+                                                               return_hidden=True))
+        outs[kernels.name] = step(params, ids, pos, q.KVCache.init(config, 2, 320))
+    (ref, _, ref_hidden), (got, _, hidden) = outs["reference"], outs["pallas"]
+    for i, (a, b) in enumerate(zip(hidden, ref_hidden)):
+        assert bool(jnp.isfinite(a.astype(jnp.float32)).all()), f"non-finite after step {i}"
+        assert rel(a.astype(jnp.float32), b.astype(jnp.float32)) <= 5e-2, f"step {i}: {rel(a, b):.3g}"
+    assert rel(got, ref) <= 5e-2
