@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from .sampling import SamplingParams, sample
 from .tokenizer import StreamDecoder, Tokenizer
 from .weights import load_params
 
+log = logging.getLogger("qwen3_jax")
 PAD_MULTIPLE = 64  # prompt lengths and cache sizes are rounded up to this, so similar requests share compilations
 # XLA may otherwise skip a bf16 rounding between fused ops ("excess precision"); torch rounds after every op, and
 # so must we to produce HF's exact tokens.
@@ -156,7 +158,11 @@ class _Steps:
         """The compiled executable for these argument shapes (lowered and compiled on first use)."""
         sig = (name, tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
         if sig not in self._compiled:
+            shapes = {"prefill": lambda: f"tokens {args[1].shape}", "decode": lambda: f"batch {args[1].shape[0]}"}
+            log.info("compiling %s for %s (once per shape) ...", name, shapes[name]())
+            t0 = time.perf_counter()
             self._compiled[sig] = self._jit[name].lower(*args).compile(compiler_options=EXACT_ROUNDING)
+            log.info("compiled %s in %.1f s", name, time.perf_counter() - t0)
         return self._compiled[sig]
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    progress = logging.getLogger("qwen3_jax")  # compile progress on stderr; other libraries stay quiet
+    progress.setLevel(logging.INFO)
+    if not progress.handlers:
+        progress.addHandler(logging.StreamHandler(sys.stderr))
     prompts = args.prompt or [sys.stdin.read()]
     if not any(p.strip() for p in prompts):
         print("error: empty prompt (give --prompt or pipe text on stdin)", file=sys.stderr)
