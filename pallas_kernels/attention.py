@@ -122,16 +122,14 @@ def _attention_kernel(q_start_ref, q_ref, k_ref, v_ref, o_ref, *, seq_len, group
         plgpu.store(o_ref.at[:, heads, :], out, mask=io_mask)
 
 
-def _check(q, k_cache, v_cache, q_start):
-    if q.ndim != 4:
-        raise ValueError(f"q must be [B, T, Hq, D], got shape {q.shape}")
+def _check_cache(batch, num_heads, head_dim, k_cache, v_cache, index, index_name):
+    """Checks shared by both attention wrappers: the cache pair against q's sizes, and the per-row index array."""
     if k_cache.ndim != 4:
         raise ValueError(f"k_cache must be [B, KV, S, D], got shape {k_cache.shape}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache shape {v_cache.shape} must equal k_cache shape {k_cache.shape}")
     if v_cache.dtype != k_cache.dtype:
         raise ValueError(f"v_cache dtype {v_cache.dtype} must equal k_cache dtype {k_cache.dtype}")
-    batch, _, num_heads, head_dim = q.shape
     kb, num_kv, _, kd = k_cache.shape
     if kb != batch:
         raise ValueError(f"k_cache batch {kb} does not match q batch {batch}")
@@ -139,9 +137,16 @@ def _check(q, k_cache, v_cache, q_start):
         raise ValueError(f"k_cache head_dim {kd} does not match q head_dim {head_dim}")
     if num_heads % num_kv:
         raise ValueError(f"q heads ({num_heads}) must be a multiple of k_cache kv heads ({num_kv})")
-    if q_start.shape != (batch,) or not jnp.issubdtype(q_start.dtype, jnp.integer):
-        raise ValueError(f"q_start must be an integer array of shape ({batch},), "
-                         f"got {q_start.shape} {q_start.dtype}")
+    if index.shape != (batch,) or not jnp.issubdtype(index.dtype, jnp.integer):
+        raise ValueError(f"{index_name} must be an integer array of shape ({batch},), "
+                         f"got {index.shape} {index.dtype}")
+
+
+def _check(q, k_cache, v_cache, q_start):
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, T, Hq, D], got shape {q.shape}")
+    batch, _, num_heads, head_dim = q.shape
+    _check_cache(batch, num_heads, head_dim, k_cache, v_cache, q_start, "q_start")
 
 
 def attention(q, k_cache, v_cache, q_start, *, block: Block | None = None, interpret: bool = False):

@@ -18,8 +18,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.attention import (_LOG2E, _MASK, _MIN_ROWS, _dot, _next_pow2, _softmax_init, _softmax_step,
-                                      attention_reference)
+from pallas_kernels.attention import (_LOG2E, _MASK, _MIN_ROWS, _check_cache, _dot, _next_pow2, _softmax_init,
+                                      _softmax_step, attention_reference)
 
 _NUM_SMS = 132  # H100 SXM and H200
 
@@ -86,23 +86,8 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g
 def _check(q, k_cache, v_cache, lengths):
     if q.ndim != 3:
         raise ValueError(f"q must be [B, Hq, D], got shape {q.shape}")
-    if k_cache.ndim != 4:
-        raise ValueError(f"k_cache must be [B, KV, S, D], got shape {k_cache.shape}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache shape {v_cache.shape} must equal k_cache shape {k_cache.shape}")
-    if v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"v_cache dtype {v_cache.dtype} must equal k_cache dtype {k_cache.dtype}")
     batch, num_heads, head_dim = q.shape
-    kb, num_kv, _, kd = k_cache.shape
-    if kb != batch:
-        raise ValueError(f"k_cache batch {kb} does not match q batch {batch}")
-    if kd != head_dim:
-        raise ValueError(f"k_cache head_dim {kd} does not match q head_dim {head_dim}")
-    if num_heads % num_kv:
-        raise ValueError(f"q heads ({num_heads}) must be a multiple of k_cache kv heads ({num_kv})")
-    if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"lengths must be an integer array of shape ({batch},), "
-                         f"got {lengths.shape} {lengths.dtype}")
+    _check_cache(batch, num_heads, head_dim, k_cache, v_cache, lengths, "lengths")
 
 
 def _num_splits(block: Block, batch: int, num_kv: int, kv_len: int, block_k: int) -> int:
