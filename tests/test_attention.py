@@ -47,7 +47,7 @@ def naive_attention_f64(q, k, v, q_start):
 
 def assert_close(out, ref, dtype):
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
-    assert np.isfinite(out).all(), "kernel output has NaN/inf (unwritten tile or leaked garbage)"
+    assert np.isfinite(out).all(), "kernel output has NaN/inf (an unwritten tile or split, or leaked garbage)"
     if dtype == jnp.float32:
         np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
     else:
