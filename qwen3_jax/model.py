@@ -44,6 +44,8 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCach
     only needs the last prompt token's). With `return_hidden`, also the residual stream after the embedding and
     after every layer (a list of [B, T, H]).
     """
+    if not isinstance(positions, jax.core.Tracer):  # an eager call: check here (under jit the caller must)
+        cache.check_fits(int(jnp.max(positions)) + 1)
     dtype = config.jnp_dtype
     inv_freq = jnp.asarray(config.inv_freq())
     eps = config.rms_norm_eps

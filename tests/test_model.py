@@ -188,3 +188,13 @@ def test_real_shape_kernels_stay_finite_and_track_reference_on_gpu():
         assert bool(jnp.isfinite(a.astype(jnp.float32)).all()), f"non-finite after step {i}"
         assert rel(a.astype(jnp.float32), b.astype(jnp.float32)) <= 5e-2, f"step {i}: {rel(a, b):.3g}"
     assert rel(got, ref) <= 5e-2
+
+
+def test_eager_forward_refuses_positions_past_the_cache():
+    config = q.Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, dtype="float32")
+    params = q.weights.random_params(config)
+    cache = q.KVCache.init(config, 1, 64)
+    tok = jnp.zeros((1, 2), jnp.int32)
+    with pytest.raises(q.CacheOverflowError, match="needs 65 cache positions but the KV cache holds max_len=64"):
+        q.forward(params, tok, jnp.asarray([[63, 64]]), cache, config=config)
