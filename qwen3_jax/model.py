@@ -44,6 +44,10 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCach
     only needs the last prompt token's). With `return_hidden`, also the residual stream after the embedding and
     after every layer (a list of [B, T, H]).
     """
+    if tokens.ndim != 2 or positions.shape != tokens.shape:
+        raise ValueError(f"tokens and positions must both be [batch, seq], got {tokens.shape} and {positions.shape}")
+    if tokens.shape[0] != cache.batch:
+        raise ValueError(f"tokens have batch {tokens.shape[0]} but the KV cache was made for batch {cache.batch}")
     if not isinstance(positions, jax.core.Tracer):  # an eager call: check here (under jit the caller must)
         cache.check_fits(int(jnp.max(positions)) + 1)
     dtype = config.jnp_dtype

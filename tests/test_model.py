@@ -198,3 +198,7 @@ def test_eager_forward_refuses_positions_past_the_cache():
     tok = jnp.zeros((1, 2), jnp.int32)
     with pytest.raises(q.CacheOverflowError, match="needs 65 cache positions but the KV cache holds max_len=64"):
         q.forward(params, tok, jnp.asarray([[63, 64]]), cache, config=config)
+    with pytest.raises(ValueError, match=r"tokens and positions must both be \[batch, seq\], got \(1, 2\) and \(1, 3\)"):
+        q.forward(params, tok, jnp.zeros((1, 3), jnp.int32), cache, config=config)
+    with pytest.raises(ValueError, match="tokens have batch 2 but the KV cache was made for batch 1"):
+        q.forward(params, jnp.zeros((2, 2), jnp.int32), jnp.zeros((2, 2), jnp.int32), cache, config=config)
