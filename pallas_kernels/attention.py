@@ -142,6 +142,15 @@ def _check_cache(batch, num_heads, head_dim, k_cache, v_cache, index, index_name
                          f"got {index.shape} {index.dtype}")
 
 
+def _check_kernel_operands(q, k_cache):
+    """What the kernels (not the references) also need: one dtype, and head_dim a power of two >= 16."""
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} must equal k_cache dtype {k_cache.dtype}")
+    head_dim = q.shape[-1]
+    if head_dim < 16 or head_dim != _next_pow2(head_dim):
+        raise ValueError(f"q head_dim must be a power of two >= 16, got {head_dim}")
+
+
 def _check(q, k_cache, v_cache, q_start):
     if q.ndim != 4:
         raise ValueError(f"q must be [B, T, Hq, D], got shape {q.shape}")
@@ -152,16 +161,13 @@ def _check(q, k_cache, v_cache, q_start):
 def attention(q, k_cache, v_cache, q_start, *, block: Block | None = None, interpret: bool = False):
     """Causal GQA attention of q [B,T,Hq,D] at positions q_start[b]+t over the cache [B,KV,S,D] -> [B,T,Hq,D]."""
     _check(q, k_cache, v_cache, q_start)
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} must equal k_cache dtype {k_cache.dtype}")
+    _check_kernel_operands(q, k_cache)
     wide = jnp.dtype(q.dtype).itemsize > 2
     block = block or (_F32_BLOCK if wide else Block())
     batch, seq_len, num_heads, head_dim = q.shape
     _, num_kv, kv_len, _ = k_cache.shape
     groups = num_heads // num_kv
     groups_pad = _next_pow2(groups)
-    if head_dim < 16 or head_dim != _next_pow2(head_dim):
-        raise ValueError(f"q head_dim must be a power of two >= 16, got {head_dim}")
     block_q = block.block_q or max(1, 64 // groups_pad)
     block_k = block.block_k
     if block_q != _next_pow2(block_q) or block_k != _next_pow2(block_k) or block_k < 16:

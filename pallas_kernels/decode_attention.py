@@ -18,8 +18,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.attention import (_LOG2E, _MASK, _MIN_ROWS, _check_cache, _dot, _next_pow2, _softmax_init,
-                                      _softmax_step, attention_reference)
+from pallas_kernels.attention import (_LOG2E, _MASK, _MIN_ROWS, _check_cache, _check_kernel_operands, _dot,
+                                      _next_pow2, _softmax_init, _softmax_step, attention_reference)
 
 _NUM_SMS = 132  # H100 SXM and H200
 
@@ -101,14 +101,11 @@ def _num_splits(block: Block, batch: int, num_kv: int, kv_len: int, block_k: int
 def decode_attention(q, k_cache, v_cache, lengths, *, block: Block | None = None, interpret: bool = False):
     """Attention of one query per row, q [B,Hq,D], over the first lengths[b] slots of [B,KV,S,D] -> [B,Hq,D]."""
     _check(q, k_cache, v_cache, lengths)
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} must equal k_cache dtype {k_cache.dtype}")
+    _check_kernel_operands(q, k_cache)
     block = block or Block()
     batch, num_heads, head_dim = q.shape
     _, num_kv, kv_len, _ = k_cache.shape
     groups = num_heads // num_kv
-    if head_dim < 16 or head_dim != _next_pow2(head_dim):
-        raise ValueError(f"q head_dim must be a power of two >= 16, got {head_dim}")
     if block.block_k < 16 or block.block_k != _next_pow2(block.block_k):
         raise ValueError(f"block_k must be a power of two >= 16, got {block}")
     rows = max(_MIN_ROWS, _next_pow2(groups))

@@ -20,9 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.rms_norm import rms_norm_reference, round_f32
-
-_FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+from pallas_kernels.rms_norm import _FLOAT_DTYPES, rms_norm_reference, round_f32
 
 
 @dataclasses.dataclass(frozen=True)

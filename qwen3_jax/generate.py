@@ -31,6 +31,7 @@ PAD_MULTIPLE = 64  # prompt lengths and cache sizes are rounded up to this, so s
 # XLA may otherwise skip a bf16 rounding between fused ops ("excess precision"); torch rounds after every op, and
 # so must we to produce HF's exact tokens.
 EXACT_ROUNDING = {"xla_allow_excess_precision": False}
+DECODE_CHUNK = 8  # decode steps per device call: tokens reach the host (stream, EOS check) this often
 
 
 @dataclasses.dataclass
@@ -173,7 +174,7 @@ def _round_up(n: int, m: int) -> int:
 def generate_tokens(config: Qwen3Config, params: dict, prompts: Sequence[Sequence[int]], *,
                     max_new_tokens: int, sampling: SamplingParams | None = None,
                     eos_token_ids: Sequence[int] = (), kernels: Kernels = Kernels(),
-                    on_tokens: Callable[[int, list[int]], None] | None = None, chunk: int = 8,
+                    on_tokens: Callable[[int, list[int]], None] | None = None, chunk: int = DECODE_CHUNK,
                     max_len: int | None = None) -> tuple[list[list[int]], GenerationStats]:
     """Generate up to `max_new_tokens` for each token-id prompt; stops a row at its first EOS token.
 
@@ -276,7 +277,7 @@ def _check_request(config: Qwen3Config, prompts: list[list[int]], max_new_tokens
 def generate(model: Qwen3, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
              max_new_tokens: int = 256, sampling: SamplingParams | None = None, chat: bool = False,
              enable_thinking: bool | None = None, on_text: Callable[[int, str], None] | None = None,
-             chunk: int = 8) -> GenerationOutput:
+             chunk: int = DECODE_CHUNK) -> GenerationOutput:
     """Generate from text prompts (or token-id lists). `chat=True` wraps each prompt in the chat template.
 
     Sampling defaults to the checkpoint's generation_config.json, as HF's `generate` does. `on_text(row, text)`

@@ -41,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from qwen3_jax.config import DTYPES, Qwen3Config  # noqa: E402
-from qwen3_jax.generate import PAD_MULTIPLE, _Steps, generate_tokens  # noqa: E402
+from qwen3_jax.generate import DECODE_CHUNK, PAD_MULTIPLE, _Steps, generate_tokens  # noqa: E402
 from qwen3_jax.kv_cache import KVCache  # noqa: E402
 from qwen3_jax.ops import Kernels  # noqa: E402
 from qwen3_jax.sampling import SamplingParams  # noqa: E402
@@ -61,7 +61,6 @@ PRESETS = {
 }
 ENGINES = ("jax-pallas", "jax-xla", "hf-eager", "hf-compile")
 GREEDY = SamplingParams.greedy_decoding()
-CHUNK = 8  # decode steps per device call in generate_tokens (its default)
 _T0 = time.perf_counter()
 
 
@@ -167,13 +166,13 @@ def measure_ceilings(device: str, quick: bool) -> dict:
 class JaxEngine:
     """This project's generate_tokens, with Pallas kernels or the jnp reference ops."""
 
-    def __init__(self, name: str, config: Qwen3Config, params: dict, kernels: Kernels):
-        self.name, self.config, self.params, self.kernels = name, config, params, kernels
-        self.steps = _Steps(config, kernels, GREEDY.greedy, CHUNK)
+    def __init__(self, name: str, config: Qwen3Config, params: dict, kernels: Kernels, chunk: int):
+        self.name, self.config, self.params, self.kernels, self.chunk = name, config, params, kernels, chunk
+        self.steps = _Steps(config, kernels, GREEDY.greedy, chunk)
 
     def _generate(self, prompts, n: int, max_len: int):
         return generate_tokens(self.config, self.params, prompts, max_new_tokens=n, sampling=GREEDY,
-                               eos_token_ids=(), kernels=self.kernels, chunk=CHUNK, max_len=max_len)[1]
+                               eos_token_ids=(), kernels=self.kernels, chunk=self.chunk, max_len=max_len)[1]
 
     def _executables(self, batch: int, prompt: int, max_len: int, decode: bool):
         """The compiled prefill (and decode) steps for these shapes, as generate_tokens built them (cache hits)."""
@@ -201,7 +200,7 @@ class JaxEngine:
     def run(self, w: Workload, ids: np.ndarray, reps: int, cap_s: float) -> dict:
         prompts = ids.tolist()
         n = w.new_tokens
-        steps = _round_up(n - 1, CHUNK)  # decode runs whole chunks of CHUNK steps
+        steps = _round_up(n - 1, self.chunk)  # decode runs whole chunks of `chunk` steps
         max_len = _round_up(max(w.prompt + steps, _round_up(w.prompt, PAD_MULTIPLE)), PAD_MULTIPLE)
         warm = self._generate(prompts, min(n, 2), max_len)  # compiles the steps of the timed runs' shapes
         stats = [self._generate(prompts, n, max_len) for _ in range(reps)]
@@ -420,7 +419,7 @@ def run_benchmark(args) -> dict:
     result = {
         "meta": {"model": model_name, "config": dataclasses.asdict(config), "gpu": _device_name(device),
                  "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                 "commit": args.commit or _git_commit(), "command": args.command,
+                 "commit": args.commit or _git_commit(), "command": args.command, "chunk": args.chunk,
                  "versions": {"jax": jax.__version__, "torch": torch.__version__,
                               "transformers": _version("transformers")},
                  "params": config.num_params(), "weight_bytes": config.num_params() * itemsize(config)},
@@ -437,9 +436,9 @@ def run_benchmark(args) -> dict:
     engines = {}
     for name in args.engines:
         if name == "jax-pallas":
-            engines[name] = JaxEngine(name, config, params, Kernels.pallas())
+            engines[name] = JaxEngine(name, config, params, Kernels.pallas(), args.chunk)
         elif name == "jax-xla":
-            engines[name] = JaxEngine(name, config, params, Kernels.reference())
+            engines[name] = JaxEngine(name, config, params, Kernels.reference(), args.chunk)
     if any(e.startswith("hf-") for e in args.engines):
         import transformers
 
@@ -527,6 +526,7 @@ def render(results: list[dict]) -> str:
     rows.sort(key=lambda row: (plan.index(row["workload"]), ENGINES.index(row["engine"])))
     rate = {(row["engine"], row["workload"]): row.get("tok_per_s") for row in rows}
     p = first["params"]
+    chunk = first.get("chunk", DECODE_CHUNK)  # runs saved before the flag existed used the default
     lines = [f"## {first['model']} — {first['gpu']}, {first['date']}", ""]
     for r in results:
         m, c = r["meta"], r["ceilings"]
@@ -540,8 +540,8 @@ def render(results: list[dict]) -> str:
         f"- {p / 1e9:.3f} B params ({first['config']['dtype']}, random weights, {first['weight_bytes'] / 1e9:.2f} GB); "
         "HF's parameters are DLPack views of the JAX arrays, so both run on the very same weights",
         "- decode: greedy, no early stop, random prompt ids; tok/s = batch x steps / decode time (prefill "
-        f"excluded; JAX runs whole chunks of {CHUNK} steps on the device, so n new tokens cost "
-        f"ceil((n-1)/{CHUNK})x{CHUNK} steps); limit = (weights + KV read per step at the mean context) / copy "
+        f"excluded; JAX runs whole chunks of {chunk} steps on the device, so n new tokens cost "
+        f"ceil((n-1)/{chunk})x{chunk} steps); limit = (weights + KV read per step at the mean context) / copy "
         "bandwidth",
         "- prefill: batch 1, time to first token; limit = FLOPs (2 x params x T + causal attention) / matmul peak",
         "- peak GB: JAX = planned bytes of its largest step (params + cache + temporaries); HF = "
@@ -600,7 +600,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", type=_ints, default=[128, 1024], help="decode prompt lengths")
     p.add_argument("--new-tokens", type=int, default=256, help="new tokens per decode run (greedy, no early stop)")
     p.add_argument("--prefill", type=_ints, default=[2048, 8192], help="prefill prompt lengths (batch 1)")
-    p.add_argument("--chunk", type=int, default=CHUNK, help="JAX decode steps per device call (generate's chunk)")
+    p.add_argument("--chunk", type=int, default=DECODE_CHUNK, help="JAX decode steps per device call (generate's chunk)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per workload (median reported)")
     p.add_argument("--hf-cap-s", type=float, default=3.0,
                    help="HF decode: fewer new tokens when a run would take longer than this (0: never)")
@@ -632,9 +632,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    global CHUNK
     args = parse_args(argv)
-    CHUNK = args.chunk  # read by JaxEngine and the table's notes
     if args.from_json:
         results = [json.loads(Path(f).read_text()) for f in args.from_json]
     else:
