@@ -5,6 +5,7 @@
     python scripts/benchmark.py --model 8B --skip-compile --time-budget 480
     python scripts/benchmark.py --config path/to/config.json --quick --no-append
     python scripts/benchmark.py --from-json run1.json run2.json         # render saved runs and append them
+    python scripts/benchmark.py --engines jax-pallas --batches 1 --prefill "" --profile /tmp/trace   # where time goes
 
 Engines, side by side on the same weights (HF's parameters are zero-copy DLPack views of the JAX arrays):
 jax-pallas (this project, Pallas kernels), jax-xla (this project, the jnp reference ops), hf-eager
@@ -162,13 +163,67 @@ def measure_ceilings(device: str, quick: bool) -> dict:
             "matmul_flops_per_s": 2 * n**3 / mm_s, "matmul_n": n}
 
 
+# ---- profile --------------------------------------------------------------------------------------------------
+def kernel_profile(trace_dir: Path, steps: int, top: int = 12) -> dict:
+    """GPU kernels of a `jax.profiler` trace holding `steps` decode steps: per step, count and busy time per kernel.
+
+    Kernels are grouped by name on the device's stream lines; `gap_us` is the step's wall time on the device
+    (first kernel start to last kernel end, per step) minus its busy time: launch and dependency latency."""
+    from jax.profiler import ProfileData
+
+    files = sorted(Path(trace_dir).glob("**/*.xplane.pb"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        raise RuntimeError(f"no .xplane.pb trace under {trace_dir}")
+    data = ProfileData.from_file(str(files[-1]))
+    events = []  # (start_ns, duration_ns, name, module)
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for e in line.events:
+                stats = dict(e.stats)
+                events.append((e.start_ns, e.duration_ns, e.name, str(stats.get("hlo_module", "?"))))
+    if not events:
+        raise RuntimeError(f"the trace in {files[-1]} holds no GPU kernels (no CUPTI?)")
+    by_module: dict[str, list] = {}
+    for ev in events:
+        by_module.setdefault(ev[3], []).append(ev)
+    decode = max(by_module, key=lambda m: len(by_module[m]))  # decode steps launch by far the most kernels
+    evs = sorted(by_module[decode])
+    per_kernel: dict[str, list[float]] = {}
+    for _, dur, name, _ in evs:
+        per_kernel.setdefault(name, []).append(dur / 1e3)
+    busy_us = sum(e[1] for e in evs) / 1e3
+    span_us = (evs[-1][0] + evs[-1][1] - evs[0][0]) / 1e3
+    rows = sorted(((sum(d), len(d), name) for name, d in per_kernel.items()), reverse=True)
+    return {
+        "module": decode, "steps": steps, "kernels_per_step": len(evs) / steps, "busy_us_per_step": busy_us / steps,
+        "span_us_per_step": span_us / steps, "gap_us_per_step": (span_us - busy_us) / steps,
+        "modules": {m: len(v) for m, v in by_module.items()},
+        "top": [{"kernel": name[:90], "per_step": n / steps, "us_per_step": total / steps, "mean_us": total / n}
+                for total, n, name in rows[:top]],
+    }
+
+
+def _log_profile(name: str, prof: dict) -> None:
+    log(f"  profile {name}: {prof['kernels_per_step']:.0f} kernels/step, busy {prof['busy_us_per_step']:.0f} us + "
+        f"gaps {prof['gap_us_per_step']:.0f} us = {prof['span_us_per_step']:.0f} us per step "
+        f"(module {prof['module']}; all modules: {prof['modules']})")
+    for k in prof["top"]:
+        log(f"    {k['us_per_step']:8.1f} us/step  {k['per_step']:5.1f}x  {k['mean_us']:7.2f} us  {k['kernel']}")
+
+
 # ---- JAX engines ----------------------------------------------------------------------------------------------
 class JaxEngine:
     """This project's generate_tokens, with Pallas kernels or the jnp reference ops."""
 
-    def __init__(self, name: str, config: Qwen3Config, params: dict, kernels: Kernels, chunk: int):
+    def __init__(self, name: str, config: Qwen3Config, params: dict, kernels: Kernels, chunk: int,
+                 profile_dir: Path | None = None):
         self.name, self.config, self.params, self.kernels, self.chunk = name, config, params, kernels, chunk
         self.steps = _Steps(config, kernels, GREEDY.greedy, chunk)
+        self.profile_dir = profile_dir
 
     def _generate(self, prompts, n: int, max_len: int):
         return generate_tokens(self.config, self.params, prompts, max_new_tokens=n, sampling=GREEDY,
@@ -217,6 +272,15 @@ class JaxEngine:
                        decode_s_all=[s.decode_s for s in stats])
             alias = exes["decode"].memory_analysis().alias_size_in_bytes
             row.update(alias_bytes=alias, cache_bytes=cache_bytes, cache_aliased=alias == cache_bytes)
+            if self.profile_dir is not None:  # one more (untimed) run under the profiler
+                trace = self.profile_dir / f"{self.name}-b{w.batch}-p{w.prompt}"
+                with jax.profiler.trace(str(trace)):
+                    self._generate(prompts, n, max_len)
+                try:
+                    row["profile"] = kernel_profile(trace, row["decode_steps"])
+                    _log_profile(self.name, row["profile"])
+                except RuntimeError as e:  # the timings stand without it
+                    row["note"] = f"no profile: {e}"
         return row
 
 
@@ -435,10 +499,9 @@ def run_benchmark(args) -> dict:
     result["meta"]["init_s"] = {"jax": time.perf_counter() - t}
     engines = {}
     for name in args.engines:
-        if name == "jax-pallas":
-            engines[name] = JaxEngine(name, config, params, Kernels.pallas(), args.chunk)
-        elif name == "jax-xla":
-            engines[name] = JaxEngine(name, config, params, Kernels.reference(), args.chunk)
+        if name in ("jax-pallas", "jax-xla"):
+            kernels = Kernels.pallas() if name == "jax-pallas" else Kernels.reference()
+            engines[name] = JaxEngine(name, config, params, kernels, args.chunk, args.profile)
     if any(e.startswith("hf-") for e in args.engines):
         import transformers
 
@@ -613,6 +676,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-append", action="store_true", help="print the table only")
     p.add_argument("--json", help="also write the raw numbers here (rewritten after every workload)")
     p.add_argument("--commit", help="git commit to record (default: git rev-parse of this checkout)")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="also trace one decode run per JAX engine and workload into DIR and summarise its GPU kernels")
     p.add_argument("--from-json", nargs="+", metavar="JSON", help="render saved runs (one model) instead of measuring")
     args = p.parse_args(argv)
     if args.quick:
