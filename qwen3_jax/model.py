@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import kv_cache, ops
 from .config import Qwen3Config
@@ -49,7 +50,7 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCach
     if tokens.shape[0] != cache.batch:
         raise ValueError(f"tokens have batch {tokens.shape[0]} but the KV cache was made for batch {cache.batch}")
     if not isinstance(positions, jax.core.Tracer):  # an eager call: check here (under jit the caller must)
-        cache.check_fits(int(jnp.max(positions)) + 1)
+        cache.check_fits(int(np.max(np.asarray(positions))) + 1)
     dtype = config.jnp_dtype
     inv_freq = jnp.asarray(config.inv_freq())
     eps = config.rms_norm_eps

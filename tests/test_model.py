@@ -4,6 +4,8 @@ Covers tied and untied embeddings, GQA ratios 1/2/4/8, head_dim 64 and 128, head
 files, the transformers-4 config layout, and q/k norm weights up to 100 as real checkpoints have.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,26 +170,43 @@ def test_donation_aliases_the_whole_cache():
 
 @pytest.mark.gpu
 def test_real_shape_kernels_stay_finite_and_track_reference_on_gpu():
-    """Qwen3-0.6B shapes, bf16, q/k norm weights up to 100: every layer finite, kernels track the XLA path."""
+    """Qwen3-0.6B shapes, bf16: with the kernels every layer tracks the XLA path; with q/k norm weights up to 100
+    every layer stays finite and no further from an f32 forward than the XLA path's bf16 is.
+
+    Random q/k norm weights of ~100 make every softmax near one-hot on random data, so which key wins flips with
+    the last bit of a score and two correct bf16 paths part (the XLA path itself is far from f32 there); only
+    the distance to f32 is a fair yardstick in that regime."""
     config = q.Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                            num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
-    params = q.weights.random_params(config, seed=3)
-    for i, layer in enumerate(params["layers"]):
+    f32_config = dataclasses.replace(config, dtype="float32")
+    params = q.weights.random_params(config, seed=3)  # q/k norm weights near 1
+    big = jax.tree.map(lambda a: a, params)
+    for i, layer in enumerate(big["layers"]):
         for name in ("q_norm", "k_norm"):
             key = jax.random.key(100 + 2 * i + (name == "k_norm"))
             layer[name] = jax.random.uniform(key, (128,), jnp.float32, 0, 100).astype(jnp.bfloat16)
     ids = jnp.asarray(np.random.default_rng(5).integers(0, 151936, (2, 300)))
     pos = jnp.broadcast_to(jnp.arange(300, dtype=jnp.int32), (2, 300))
-    outs = []
-    for kernels in (q.Kernels.reference(), q.Kernels.pallas(interpret=False)):
-        step = jax.jit(lambda p, t, s, c, k=kernels: q.forward(p, t, s, c, config=config, kernels=k,
-                                                               return_hidden=True))
-        outs.append(step(params, ids, pos, q.KVCache.init(config, 2, 320)))
-    (ref, _, ref_hidden), (got, _, hidden) = outs
-    for i, (a, b) in enumerate(zip(hidden, ref_hidden)):
+
+    def step(cfg, kernels):
+        return jax.jit(lambda p: q.forward(p, ids, pos, q.KVCache.init(cfg, 2, 320), config=cfg, kernels=kernels,
+                                           return_hidden=True))
+
+    ref, kern = step(config, q.Kernels.reference()), step(config, q.Kernels.pallas(interpret=False))
+    exact = step(f32_config, q.Kernels.reference())
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+
+    (r_logits, _, r_hidden), (k_logits, _, k_hidden) = ref(params), kern(params)
+    for i, (a, b) in enumerate(zip(k_hidden, r_hidden)):
+        assert rel(f32(a), f32(b)) <= 2e-2, f"norm weights ~1, after step {i}: {rel(f32(a), f32(b)):.3g}"
+    assert rel(k_logits, r_logits) <= 2e-2
+
+    (_, _, r_hidden), (_, _, k_hidden) = ref(big), kern(big)
+    _, _, e_hidden = exact(jax.tree.map(lambda a: a.astype(jnp.float32), big))
+    for i, (a, b, e) in enumerate(zip(k_hidden, r_hidden, e_hidden)):
         assert bool(jnp.isfinite(a.astype(jnp.float32)).all()), f"non-finite after step {i}"
-        assert rel(a.astype(jnp.float32), b.astype(jnp.float32)) <= 5e-2, f"step {i}: {rel(a, b):.3g}"
-    assert rel(got, ref) <= 5e-2
+        ours, theirs = rel(f32(a), f32(e)), rel(f32(b), f32(e))
+        assert ours <= 1.5 * theirs + 2e-2, f"norm weights ~100, after step {i}: {ours:.3g} from f32 vs {theirs:.3g}"
 
 
 def test_eager_forward_refuses_positions_past_the_cache():

@@ -69,8 +69,10 @@ def check_kernel(batch, seq, hidden, num_heads, num_kv_heads, head_dim, dtype, b
         shapes = [(batch, seq, n, head_dim) for n in (num_heads, num_kv_heads, num_kv_heads)]
         for name, o, r, s, shape in zip("qkv", out, ref, scales, shapes):
             assert o.shape == shape and o.dtype == dtype, name
-            if name == "v":  # passed through: bit-exact
+            if name == "v" and INTERPRET:  # passed through: bit-exact where both sides run one CPU matmul
                 np.testing.assert_array_equal(f64(o), f64(r))
+            elif name == "v":  # on the GPU the two projections are separately autotuned: f32 sums in other orders
+                assert_ulp_close(o, r, f64(r), dtype, max_ulps=1, min_exact=0.999)
             else:
                 assert_ulp_close(o, r, s, dtype, **TOLERANCE[jnp.dtype(dtype)])
 

@@ -16,10 +16,11 @@ from pallas_kernels.rms_norm import RmsNormBlock, default_block, rms_norm, rms_n
 
 EPS = 1e-6
 _BITS = {jnp.dtype(jnp.bfloat16): 8, jnp.dtype(jnp.float16): 11, jnp.dtype(jnp.float32): 24}
-# Kernel vs reference: bf16 agrees exactly but for rare one-ulp wobbles (f32 sums in another order);
-# in f32 a few ulps is all we ask.
+# Kernel vs reference: bf16 agrees exactly but for rare wobbles. f32 sums in another order can move the rounded
+# normalised value by one of its ulps; the weight product then carries that into up to two ulps of the output,
+# plus its own rounding (3 ulps, seen once in 33M elements at 8192 x 4096 on an H200). In f32 a few ulps.
 TOLERANCE = {
-    jnp.dtype(jnp.bfloat16): dict(max_ulps=2, min_exact=0.99),
+    jnp.dtype(jnp.bfloat16): dict(max_ulps=3, min_exact=0.99),
     jnp.dtype(jnp.float32): dict(max_ulps=4, min_exact=0.5),
 }
 # XLA (CPU and GPU) may by default skip a bf16 rounding between two ops ("excess precision"), e.g. between

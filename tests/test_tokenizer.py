@@ -5,6 +5,7 @@ import random
 import shutil
 
 import pytest
+import transformers
 from tiny_checkpoint import ADDED_TOKENS, build_tokenizer
 
 from qwen3_jax.tokenizer import StreamDecoder, Tokenizer
@@ -117,9 +118,27 @@ def test_decode_arbitrary_ids_matches_hf(tok, hf):
     assert tok.decode(tok.eos_token_id) == "<|im_end|>"
 
 
+def hf_normalises_messages(hf) -> bool:
+    """Whether this transformers drops None fields and aliases `reasoning` before rendering, as ours does.
+
+    Recent transformers (5.23, the version CI installs) do; older ones (5.17, on the GPU image) render the
+    messages as given, so conversations that rely on it cannot be compared with them."""
+    saved, hf.chat_template = hf.chat_template, "{{ messages[0] | tojson }}"
+    try:
+        return "name" not in hf.apply_chat_template([{"role": "user", "content": "a", "name": None}], tokenize=False)
+    finally:
+        hf.chat_template = saved
+
+
+def _needs_normalisation(messages) -> bool:
+    return any(v is None or k == "reasoning" for m in messages for k, v in m.items())
+
+
 @pytest.mark.parametrize("conv_index", range(len(CONVERSATIONS)))
 def test_chat_template_matches_hf(tok, hf, conv_index):
     messages = CONVERSATIONS[conv_index]
+    if _needs_normalisation(messages) and not hf_normalises_messages(hf):
+        pytest.skip(f"transformers {transformers.__version__} renders raw messages (None fields, no reasoning alias)")
     for add_generation_prompt in (True, False):
         for enable_thinking in (None, True, False):
             for tools in (None, TOOLS):
@@ -156,15 +175,17 @@ def test_chat_template_kwargs_reach_template(tmp_path, tok_dir, hf):
     messages = [{"role": "user", "content": "é", "name": None}]
     got = ours.apply_chat_template(messages, custom="X")
     assert got.startswith('<|im_end|>|<|endoftext|>|False|X|True|{\n "role": "user",\n "content": "é"\n}|')
+    import jinja2
+
+    with pytest.raises(jinja2.TemplateError, match="too long"):
+        ours.apply_chat_template(messages * 6)
+    if not hf_normalises_messages(hf):  # the None field
+        pytest.skip(f"transformers {transformers.__version__} renders raw messages (None fields kept)")
     hf.chat_template, saved = config["chat_template"], hf.chat_template
     try:
         assert got == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, custom="X")
     finally:
         hf.chat_template = saved
-    import jinja2
-
-    with pytest.raises(jinja2.TemplateError, match="too long"):
-        ours.apply_chat_template(messages * 6)
 
 
 def test_loads_transformers5_saved_dir(tok, hf, tmp_path):
