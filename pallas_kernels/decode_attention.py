@@ -4,7 +4,8 @@ Grid (B, KV, splits). A program takes the G query heads of one kv head as the ro
 16 rows, the Triton dot minimum; padding rows load zeros and are never stored), streams its chunk of the cache
 [B, KV, S, D] in place in block_k tiles, stops at lengths[b] (dynamic loop bound, so slots past the valid
 length are never loaded), and writes an unnormalised partial (acc, m, l). A small jnp step combines the
-splits. Splitting S lets a handful of long rows fill every SM.
+splits. Splitting S lets a handful of long rows fill every SM. With a single split (short contexts, or
+enough rows to fill the GPU) each program normalises and writes the output itself: one kernel, no combine.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ class Block:
     num_stages: int = 3
 
 
-def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, groups, rows, block_k, chunk,
-                   scale):
-    # q_ref [G, D]; k_ref/v_ref [S, D] (the whole row, read in place); acc_ref [G, D]; m_ref/l_ref [G].
+def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *out_refs, groups, rows, block_k, chunk, scale):
+    # q_ref [G, D]; k_ref/v_ref [S, D] (the whole row, read in place); out_refs: acc [G, D], m [G], l [G] per
+    # split, or with a single split the normalised output o [G, D] in q's dtype (no combine step needed).
     head_dim = k_ref.shape[1]
     start = pl.program_id(2) * chunk
     length = jnp.minimum(lengths_ref[()], k_ref.shape[0])
@@ -73,14 +74,13 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g
     n_tiles = (n_keys + block_k - 1) // block_k
     acc, m, l = lax.fori_loop(n_full, n_tiles, functools.partial(body, masked=True), carry)
     # m is -inf for a split with no valid key: it gets zero weight in the combine.
-    if row_ok is None:
-        acc_ref[...] = acc
-        m_ref[...] = m
-        l_ref[...] = l
-    else:
-        plgpu.store(acc_ref.at[heads, :], acc, mask=row_ok[:, None])
-        plgpu.store(m_ref.at[heads], m, mask=row_ok)
-        plgpu.store(l_ref.at[heads], l, mask=row_ok)
+    outs = ((acc / l[:, None]).astype(out_refs[0].dtype),) if len(out_refs) == 1 else (acc, m, l)
+    for ref, value in zip(out_refs, outs):
+        if row_ok is None:
+            ref[...] = value
+        else:
+            mask = row_ok[:, None] if value.ndim == 2 else row_ok
+            plgpu.store(ref.at[(heads,) + (slice(None),) * (value.ndim - 1)], value, mask=mask)
 
 
 def _check(q, k_cache, v_cache, lengths):
@@ -118,7 +118,21 @@ def decode_attention(q, k_cache, v_cache, lengths, *, block: Block | None = None
                                scale=head_dim**-0.5)
     q4 = q.reshape(batch, num_kv, groups, head_dim)  # [B, KV, G, D] (free view)
     kv_spec = pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, s: (b, h, 0, 0))
-    acc, m, l = pl.pallas_call(
+    if splits == 1:  # one program per (row, kv head) sees every key: it normalises and writes the output itself
+        out_specs = [pl.BlockSpec((None, None, groups, head_dim), lambda b, h, s: (b, h, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct((batch, num_kv, groups, head_dim), q.dtype)]
+    else:
+        out_specs = [
+            pl.BlockSpec((None, None, None, groups, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, groups), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, None, groups), lambda b, h, s: (b, h, s, 0)),
+        ]
+        out_shape = [
+            jax.ShapeDtypeStruct((batch, num_kv, splits, groups, head_dim), jnp.float32),  # acc
+            jax.ShapeDtypeStruct((batch, num_kv, splits, groups), jnp.float32),  # m (log2 domain)
+            jax.ShapeDtypeStruct((batch, num_kv, splits, groups), jnp.float32),  # l
+        ]
+    outs = pl.pallas_call(
         kernel,
         grid=(batch, num_kv, splits),
         in_specs=[
@@ -127,20 +141,15 @@ def decode_attention(q, k_cache, v_cache, lengths, *, block: Block | None = None
             kv_spec,
             kv_spec,
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, groups, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-            pl.BlockSpec((None, None, None, groups), lambda b, h, s: (b, h, s, 0)),
-            pl.BlockSpec((None, None, None, groups), lambda b, h, s: (b, h, s, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, num_kv, splits, groups, head_dim), jnp.float32),  # acc
-            jax.ShapeDtypeStruct((batch, num_kv, splits, groups), jnp.float32),  # m (log2 domain)
-            jax.ShapeDtypeStruct((batch, num_kv, splits, groups), jnp.float32),  # l
-        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=block.num_warps, num_stages=block.num_stages),
         interpret=interpret,
         name="gqa_flash_decoding",
     )(lengths.astype(jnp.int32), q4, k_cache, v_cache)
+    if splits == 1:
+        return outs[0].reshape(batch, num_heads, head_dim)
+    acc, m, l = outs
 
     # Combine the splits: rescale each to the global max, sum, normalise.
     m_all = m.max(axis=2, keepdims=True)  # [B, KV, 1, G], finite: split 0 always has a valid key

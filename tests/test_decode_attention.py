@@ -54,6 +54,7 @@ CASES = [
     (2, 16, 1, 64, 48, [48, 1], jnp.float32, Block(block_k=32, num_splits=2)),  # G=16: no padding rows
     (3, 8, 2, 128, 128, [1, 128, 50], jnp.bfloat16, Block(block_k=32, num_splits=2)),
     (2, 4, 2, 64, 64, [64, 20], jnp.bfloat16, None),  # G=2
+    (2, 16, 1, 64, 48, [48, 1], jnp.bfloat16, Block(block_k=16, num_splits=1)),  # one split, G=16, bf16
 ]
 
 
