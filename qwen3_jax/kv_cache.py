@@ -56,14 +56,3 @@ class KVCache:
                 f"this step needs {end_position} cache positions but the KV cache holds max_len={self.max_len}; "
                 "create a larger cache (or shorten the prompt / max_new_tokens)"
             )
-
-
-def write(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array):
-    """Write k, v [B, T, KV, D] into one layer's cache [B, KV, S, D] at positions start[b] .. start[b]+T-1."""
-    k = jnp.swapaxes(k, 1, 2).astype(cache_k.dtype)  # [B, KV, T, D]
-    v = jnp.swapaxes(v, 1, 2).astype(cache_v.dtype)
-
-    def row(c, x, s):
-        return jax.lax.dynamic_update_slice(c, x, (0, s, 0))
-
-    return jax.vmap(row)(cache_k, k, start), jax.vmap(row)(cache_v, v, start)

@@ -1,8 +1,8 @@
 """The Qwen3 forward pass as pure functions of (params, tokens, positions, cache), op by op as HF computes it.
 
 Layers are unrolled (a Python loop under jit), so XLA sees one straight-line program per step. The residual
-add of each sub-block is fused into the following RMSNorm (`rms_norm(..., residual=)` returns both the sum and
-the normalised value), which computes exactly HF's `residual + out` followed by the norm.
+add of each sub-block is fused into the following RMSNorm, and that RMSNorm into the linear layer after it
+(`ops.dense`; one Pallas kernel at decode), computing exactly HF's `residual + out`, norm and projection.
 """
 
 from __future__ import annotations
@@ -11,30 +11,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import kv_cache, ops
+from . import ops
 from .config import Qwen3Config
 from .kv_cache import KVCache
 from .ops import Kernels, linear
 
 
-def _attention_block(p, x, positions, k_cache, v_cache, inv_freq, config: Qwen3Config, kernels: Kernels):
-    b, t, _ = x.shape
-    q, k, v = ops.qkv_rope(kernels, x, p["qkv_proj"], p["q_norm"], p["k_norm"], inv_freq, positions,
-                           num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
-                           head_dim=config.head_dim, eps=config.rms_norm_eps)  # q [B,T,Hq,D], k/v [B,T,KV,D]
+def _attention(p, qkv, positions, k_cache, v_cache, inv_freq, config: Qwen3Config, kernels: Kernels):
+    """q/k norm, RoPE, this step's keys and values into the cache, attention: -> ([B, T, Hq * D], caches)."""
+    b, t, _ = qkv.shape
+    q, k_cache, v_cache = ops.qkv_rope(kernels, qkv, p["q_norm"], p["k_norm"], inv_freq, positions, k_cache, v_cache,
+                                       num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
+                                       head_dim=config.head_dim, eps=config.rms_norm_eps)  # q [B,T,Hq,D]
     start = positions[:, 0]
-    k_cache, v_cache = kv_cache.write(k_cache, v_cache, k, v, start)
     if t == 1:
         o = ops.decode_attention(kernels, q[:, 0], k_cache, v_cache, start + 1)[:, None]  # [B,1,Hq,D]
     else:
         o = ops.attention(kernels, q, k_cache, v_cache, start)  # [B,T,Hq,D]
-    return linear(o.reshape(b, t, config.q_size), p["o_proj"]), k_cache, v_cache
-
-
-def _mlp(p, x):
-    gate, up = jnp.split(linear(x, p["gate_up_proj"]), 2, axis=-1)  # [B,T,I] each
-    act = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype)  # torch's bf16 silu computes in f32
-    return linear(act * up, p["down_proj"])
+    return o.reshape(b, t, config.q_size), k_cache, v_cache
 
 
 def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCache, *, config: Qwen3Config,
@@ -61,17 +55,22 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCach
     new_k, new_v = [], []
     out, residual = None, None
     for i, p in enumerate(params["layers"]):
+        # Each sub-block's residual add is fused into the RMSNorm that opens the next one, and that RMSNorm
+        # into the linear layer after it (`ops.dense`).
         if residual is None:
-            x, residual = ops.rms_norm(kernels, h, p["input_layernorm"], eps), h
+            qkv, residual = ops.dense(kernels, h, p["qkv_proj"], norm_weight=p["input_layernorm"], eps=eps), h
         else:
-            x, residual = ops.rms_norm(kernels, out, p["input_layernorm"], eps, residual=residual)
+            qkv, residual = ops.dense(kernels, out, p["qkv_proj"], norm_weight=p["input_layernorm"],
+                                      residual=residual, eps=eps)
             if return_hidden:
                 hidden.append(residual)
-        a, k_i, v_i = _attention_block(p, x, positions, cache.k[i], cache.v[i], inv_freq, config, kernels)
+        o, k_i, v_i = _attention(p, qkv, positions, cache.k[i], cache.v[i], inv_freq, config, kernels)
         new_k.append(k_i)
         new_v.append(v_i)
-        x, residual = ops.rms_norm(kernels, a, p["post_attention_layernorm"], eps, residual=residual)
-        out = _mlp(p, x)
+        a = ops.dense(kernels, o, p["o_proj"])
+        act, residual = ops.dense(kernels, a, p["gate_up_proj"], norm_weight=p["post_attention_layernorm"],
+                                  residual=residual, eps=eps, swiglu=True)  # silu(gate) * up
+        out = ops.dense(kernels, act, p["down_proj"])
     x, residual = ops.rms_norm(kernels, out, params["norm"], eps, residual=residual)
     if return_hidden:
         hidden.append(residual)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import attention as _attn
 from pallas_kernels import decode_attention as _dec
+from pallas_kernels import linear as _lin
 from pallas_kernels import qkv_rope as _qkv
 from pallas_kernels import rms_norm as _rms
 
@@ -21,6 +23,7 @@ class Kernels:
     qkv_rope: bool = False
     attention: bool = False
     decode_attention: bool = False
+    linear: bool = False  # the fused RMSNorm + linear (+ SwiGLU) kernel, for steps of at most FUSED_ROWS tokens
     interpret: bool = False
 
     @classmethod
@@ -31,7 +34,8 @@ class Kernels:
     def pallas(cls, interpret: bool | None = None) -> "Kernels":
         if interpret is None:
             interpret = jax.default_backend() != "gpu"
-        return cls(True, True, True, True, interpret)
+        return cls(rms_norm=True, qkv_rope=True, attention=True, decode_attention=True, linear=True,
+                   interpret=interpret)
 
     @classmethod
     def resolve(cls, choice: "str | Kernels | None") -> "Kernels":
@@ -49,9 +53,12 @@ class Kernels:
 
     @property
     def name(self) -> str:
-        flags = (self.rms_norm, self.qkv_rope, self.attention, self.decode_attention)
+        flags = (self.rms_norm, self.qkv_rope, self.attention, self.decode_attention, self.linear)
         base = "pallas" if all(flags) else "reference" if not any(flags) else "mixed"
         return base + (" (interpret)" if self.interpret and any(flags) else "")
+
+
+FUSED_ROWS = 16  # steps of at most this many tokens (decode) run their linear layers as the fused Pallas kernel
 
 
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -68,10 +75,29 @@ def rms_norm(k: Kernels, x, weight, eps, residual=None):
     return _rms.rms_norm_reference(x, weight, eps=eps, residual=residual)
 
 
-def qkv_rope(k: Kernels, x, w_qkv, q_norm, k_norm, inv_freq, positions, **dims):
-    if k.qkv_rope:
-        return _qkv.qkv_rope(x, w_qkv, q_norm, k_norm, inv_freq, positions, interpret=k.interpret, **dims)
-    return _qkv.qkv_rope_reference(x, w_qkv, q_norm, k_norm, inv_freq, positions, **dims)
+def dense(k: Kernels, x, w, *, norm_weight=None, residual=None, eps=None, swiglu=False):
+    """A linear layer act(norm(x [+ residual]) @ w.T) (see `pallas_kernels.linear`); with `residual`, returns
+    (y, residual + x). Few tokens: one fused kernel. Otherwise the RMSNorm op, an XLA matmul and a jnp SwiGLU."""
+    rows = x.size // x.shape[-1]
+    if k.linear and rows <= FUSED_ROWS:
+        return _lin.linear(x, w, norm_weight=norm_weight, residual=residual, eps=eps, swiglu=swiglu,
+                           interpret=k.interpret)
+    summed = None
+    if norm_weight is not None:
+        x = rms_norm(k, x, norm_weight, eps, residual=residual)
+        if residual is not None:
+            x, summed = x
+    y = linear(x, w)
+    if swiglu:
+        gate, up = jnp.split(y, 2, axis=-1)
+        y = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up  # torch's bf16 silu computes in f32
+    return (y, summed) if summed is not None else y
+
+
+def qkv_rope(k: Kernels, qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, **dims):
+    """q [B, T, Hq, D] and the layer's caches with this step's keys and values written at `positions`."""
+    fn = functools.partial(_qkv.qkv_rope, interpret=k.interpret) if k.qkv_rope else _qkv.qkv_rope_reference
+    return fn(qkv, q_norm, k_norm, inv_freq, positions, k_cache=k_cache, v_cache=v_cache, **dims)
 
 
 def attention(k: Kernels, q, k_cache, v_cache, q_start):

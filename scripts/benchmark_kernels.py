@@ -24,6 +24,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax: a
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shlex  # noqa: E402
@@ -77,6 +78,7 @@ class Case:
     metric: str = "GB/s"  # GB/s, TB/s, TFLOP/s, or "auto": whichever floor binds
     cudnn: tuple | None = None  # (prepare(*inputs) -> cuDNN inputs, function of those -> output like ours)
     refine: Callable | None = None  # best block -> further blocks to try
+    donate: tuple = ()  # inputs updated in place and returned last, in order (a KV cache): donated when timed
 
 
 @dataclasses.dataclass
@@ -92,48 +94,84 @@ class Ctx:
 
 
 # ---- timing and checking --------------------------------------------------------------------------------------
-def bench(fn, arg_sets, ctx: Ctx) -> dict:
+def bench(fn, arg_sets, ctx: Ctx, donate: tuple = ()) -> dict:
     """Median seconds per call of fn, as the GPU runs it inside a larger jitted program.
 
     For short calls one executable chains r calls of fn over the rotating input sets (see `_chain`), so host
-    dispatch and the sync are paid once per r calls; each sample runs that executable k times back to back."""
-    single = jax.jit(fn)
-    jax.block_until_ready(single(*arg_sets[0]))  # compiled already: this is a warm-up
+    dispatch and the sync are paid once per r calls; each sample runs that executable k times back to back.
+    `donate`: positions of inputs that fn updates in place and returns last, in that order (a KV cache). They are
+    donated, as a model step donates its cache, so no call copies them, and each call's returned values replace
+    them in their set (copies are donated: the caller's arrays stay intact)."""
+    sets = [[jnp.copy(a) if i in donate else a for i, a in enumerate(s)] for s in arg_sets]
+    single = jax.jit(fn, donate_argnums=donate)  # without donation, the executable the check compiled
+
+    def call(j):  # one call on set j
+        out = single(*sets[j])
+        if donate:
+            for i, new in zip(donate, out[len(out) - len(donate):]):
+                sets[j][i] = new
+        return out
+
+    jax.block_until_ready(call(0))  # a warm-up (and the compile, with donation)
     t = time.perf_counter()
-    jax.block_until_ready(single(*arg_sets[0]))
+    jax.block_until_ready(call(0))
     one = time.perf_counter() - t  # an over-estimate: it includes dispatch and the sync
     r = max(1, min(ctx.max_chain, math.ceil(ctx.sample_s / max(one, 1e-7))))
-    run, sets = (single, arg_sets) if r == 1 else (_chain(fn, r, len(arg_sets)), [arg_sets])
+    chain = _chain(fn, r, len(sets), donate) if r > 1 else None
+
+    def chained():  # r calls over all sets in one executable
+        if not donate:
+            return chain(*sets)
+        held = [[None if i in donate else a for i, a in enumerate(s)] for s in sets]
+        outs, states = chain(*held, states=[[s[i] for i in donate] for s in sets])
+        for s, state in zip(sets, states):
+            for i, new in zip(donate, state):
+                s[i] = new
+        return outs
+
+    runs = [functools.partial(call, j) for j in range(len(sets))] if r == 1 else [chained]
     out = None
-    for args in sets * 2:  # compile, warm-up
-        out = run(*args)
+    for run in runs * 2:  # compile, warm-up
+        out = run()
     jax.block_until_ready(out)
     t = time.perf_counter()
-    jax.block_until_ready(run(*sets[0]))
+    jax.block_until_ready(runs[0]())
     k = max(1, min(1000, math.ceil(ctx.sample_s / max(time.perf_counter() - t, 1e-7))))
     times = []
     for _ in range(ctx.samples):
         t = time.perf_counter()
         for i in range(k):
-            out = run(*sets[i % len(sets)])
+            out = runs[i % len(runs)]()
         jax.block_until_ready(out)  # one stream: the last call done means all are
         times.append((time.perf_counter() - t) / (k * r))
     return {"time_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "calls_chained": r,
             "executables_per_sample": k, "samples": len(times)}
 
 
-def _chain(fn, r: int, n_sets: int):
-    """One jitted function of all input sets that makes r calls of fn, each ordered after the one before."""
-    def run(*sets):  # sets: n_sets tuples of fn's arguments
-        outs = []
+def _chain(fn, r: int, n_sets: int, donate: tuple = ()):
+    """One jitted function of all input sets that makes r calls of fn, each ordered after the one before.
+
+    With `donate`, the sets hold None at those positions and their arrays come in `states`, donated: each call on
+    a set takes what the previous call on it returned for them, and run returns (outputs, final states)."""
+    def run(*sets, states=()):  # sets: n_sets tuples of fn's arguments
+        outs, states = [], list(states)
         for i in range(r):
-            args = sets[i % n_sets]
+            j = i % n_sets
+            args = sets[j]
             if outs:  # every output of the barrier is used (returned), so neither JAX nor XLA can drop a call
                 args, outs[-1] = lax.optimization_barrier((args, outs[-1]))
-            outs.append(fn(*args))
-        return outs
+            if not donate:
+                outs.append(fn(*args))
+                continue
+            args = list(args)
+            for n, x in zip(donate, states[j]):
+                args[n] = x
+            out = fn(*args)
+            outs.append(out[:len(out) - len(donate)])
+            states[j] = out[len(out) - len(donate):]
+        return (outs, states) if donate else outs
 
-    return jax.jit(run)
+    return jax.jit(run, donate_argnames="states" if donate else ())
 
 
 def rel_err(out, want) -> float:
@@ -218,7 +256,7 @@ def run_case(case: Case, ctx: Ctx, limits: dict) -> dict:
                     del out
                     entry["ok"] = entry["rel_err"] <= TOLERANCE  # False for NaN
                     if entry["ok"]:
-                        entry.update(bench(fn, sets, ctx))
+                        entry.update(bench(fn, sets, ctx, case.donate))
                 except Exception as e:  # noqa: BLE001 - a variant that fails is a sweep entry, not a crash
                     entry["error"] = _error(e)
                 log(f"  {case.kernel} {case.shape} [{entry['settings']}] " + _entry_text(entry))
@@ -235,7 +273,7 @@ def run_case(case: Case, ctx: Ctx, limits: dict) -> dict:
             row["error"] = first.get("error") or f"wrong result: rel. error {first.get('rel_err', float('nan')):.1e}"
 
         try:
-            row["reference_s"] = bench(case.reference, sets, ctx)["time_s"]
+            row["reference_s"] = bench(case.reference, sets, ctx, case.donate)["time_s"]
         except Exception as e:  # noqa: BLE001
             row["reference_error"] = _error(e)
         if case.cudnn is not None:
@@ -336,9 +374,8 @@ def rms_norm_cases(quick: bool, interpret: bool):
 
 
 def qkv_rope_cases(quick: bool, interpret: bool):
-    hidden, hq, kv, d = (256, 4, 2, 32) if quick else (4096, 32, 8, 128)
+    hq, kv, d, s = (4, 2, 32, 64) if quick else (32, 8, 128, 4096)  # s: cache slots
     shapes = [(2, 1), (1, 16)] if quick else [(1, 1), (8, 1), (64, 1), (1, 2048)]
-    out_dim = (hq + 2 * kv) * d
     static = dict(num_heads=hq, num_kv_heads=kv, head_dim=d, eps=1e-6)
     default = qr.QkvRopeBlock()
 
@@ -346,24 +383,30 @@ def qkv_rope_cases(quick: bool, interpret: bool):
         return f"bt={b.block_tokens} w={b.num_warps}" + (" (default)" if b == default else "")
 
     def ours(blk):
-        return lambda *a: qr.qkv_rope(*a, **static, block=blk, interpret=interpret)
+        return lambda *a: qr.qkv_rope(*a[:5], **static, k_cache=a[5], v_cache=a[6], block=blk, interpret=interpret)
 
     def reference(*a):
-        return qr.qkv_rope_reference(*a, **static)
+        return qr.qkv_rope_reference(*a[:5], **static, k_cache=a[5], v_cache=a[6])
 
     for b, t in shapes:
         def make(key, b=b, t=t):
-            kx, kw, kq, kk, kp = jax.random.split(key, 5)
-            x = _normal(kx, (b, t, hidden))  # [B, T, H]
-            w = _normal(kw, (out_dim, hidden), hidden**-0.5)  # [(Hq + 2KV) * D, H]
+            kx, kq, kk, kp = jax.random.split(key, 4)
+            qkv = _normal(kx, (b, t, (hq + 2 * kv) * d))  # [B, T, (Hq + 2KV) * D], the projection
             inv_freq = 1.0 / 1e6 ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2], rope_theta 1e6
-            pos = jnp.broadcast_to(jnp.arange(t), (b, t)) if t > 1 else jax.random.randint(kp, (b, 1), 0, 8192)
-            return x, w, _normal(kq, (d,), 0.1, 1.0), _normal(kk, (d,), 0.1, 1.0), inv_freq, pos.astype(jnp.int32)
+            start = jax.random.randint(kp, (b, 1), 0, s - t + 1)  # each row continues at its own position
+            # Zero caches [B, KV, S, D] (as a fresh cache): the check's relative error sees the written slots alone.
+            k_cache, v_cache = jnp.zeros((b, kv, s, d), BF16), jnp.zeros((b, kv, s, d), BF16)
+            return (qkv, _normal(kq, (d,), 0.1, 1.0), _normal(kk, (d,), 0.1, 1.0), inv_freq,
+                    (start + jnp.arange(t)).astype(jnp.int32), k_cache, v_cache)
 
-        n = b * t
-        yield Case("qkv_rope", f"{'decode' if t == 1 else 'prefill'} B={b} T={t}, {hidden}→{hq}/{kv}×{d}", make,
-                   ours, reference, [default], label, nbytes=2 * (n * hidden + out_dim * hidden + n * out_dim),
-                   flops=2 * n * hidden * out_dim, metric="auto")
+        if quick:
+            blocks = [default]
+        elif t == 1:  # one token per program: fewer warps may do
+            blocks = [default, *(qr.QkvRopeBlock(num_warps=w) for w in (1, 2))]
+        else:
+            blocks = [default, *(qr.QkvRopeBlock(block_tokens=n, num_warps=w) for n, w in ((16, 4), (64, 8)))]
+        yield Case("qkv_rope", f"{'decode' if t == 1 else 'prefill'} B={b} T={t}, {hq}/{kv}×{d}, cache S={s}",
+                   make, ours, reference, blocks, label, nbytes=2 * 2 * b * t * (hq + 2 * kv) * d, donate=(5, 6))
 
 
 def decode_attention_cases(quick: bool, interpret: bool):
@@ -507,8 +550,9 @@ def render(result: dict) -> str:
         "up to 16 in one executable (each ordered after the last by an optimization barrier) over input sets "
         "rotated past the L2, so host dispatch is not timed: GPU time as inside a jitted model step",
         "- % of limit: GB/s and TB/s rows = fewest bytes (inputs read once, outputs written once) / time / copy "
-        "bandwidth; TFLOP/s rows = FLOP/s / matmul (attention: causal FLOPs 4·T²·Hq·D/2); qkv_rope is the whole op "
-        "(projection included), rated by whichever floor binds",
+        "bandwidth; TFLOP/s rows = FLOP/s / matmul (attention: causal FLOPs 4·T²·Hq·D/2); qkv_rope is the "
+        "projection's epilogue (q/k norm + RoPE, k/v written into a zeroed cache, donated as in the model; the "
+        "reference writes it with dynamic_update_slice): bytes = qkv read + q, k, v written",
     ]
     swept = [r for r in result["rows"] if len(r.get("sweep", [])) > 1]
     if swept:
