@@ -39,14 +39,20 @@ class LinearBlock:
     """Tiling: `block_n` output features and `block_k` input features per step (powers of two >= 16)."""
 
     block_n: int = 16
-    block_k: int = 512
+    block_k: int = 1024
     num_warps: int = 4
-    num_stages: int = 4
+    num_stages: int = 2
 
 
 def default_block(n_out: int, k: int) -> LinearBlock:
-    """Enough programs to keep every SM streaming: 16 features per program up to 4K outputs, 32 above."""
-    return LinearBlock(block_n=16 if n_out <= 4096 else 32, block_k=min(512, pl.next_power_of_2(k)))
+    """A tiling for the H100/H200 (see BENCHMARKS.md).
+
+    Few, large steps: a program's time is a few dependent memory round trips, so an input of up to 1024
+    features is one step (no pipeline, so little shared memory per program and several programs per SM),
+    longer ones stream in 1024-wide steps two deep. 16 features per program up to 4K outputs, 32 above."""
+    block_k = min(1024, max(16, pl.next_power_of_2(k)))
+    return LinearBlock(block_n=16 if n_out <= 4096 else 32, block_k=block_k,
+                       num_stages=1 if block_k >= k else 2)
 
 
 def _linear_kernel(*refs, rows, k_dim, n_out, block_k, block_n, eps, has_norm, has_residual, swiglu):
@@ -78,16 +84,18 @@ def _linear_kernel(*refs, rows, k_dim, n_out, block_k, block_n, eps, has_norm, h
             xf = round_f32(rf + xf, dtype)  # residual + x in the activation dtype
         return xf, cols, col_ok, mask
 
+    first = load_input(0) if n_tiles == 1 else None  # one step: load the input once for both passes
     if has_norm:  # pass 1: the rows' mean square, f32
         def sum_squares(kk, acc):
-            xf = load_input(kk)[0]
+            xf = first[0] if first is not None else load_input(kk)[0]
             return acc + jnp.sum(xf * xf, axis=1)
 
-        ss = lax.fori_loop(0, n_tiles, sum_squares, jnp.zeros((ROW_TILE,), jnp.float32))
+        ss = sum_squares(0, 0.0) if first is not None else lax.fori_loop(
+            0, n_tiles, sum_squares, jnp.zeros((ROW_TILE,), jnp.float32))
         inv_rms = lax.rsqrt(ss / k_dim + eps)[:, None]  # [R, 1]
 
     def step(kk, accs):
-        xf, cols, col_ok, mask = load_input(kk)
+        xf, cols, col_ok, mask = first if first is not None else load_input(kk)
         if has_residual:  # the first output tile's programs hand the residual sum on
             plgpu.store(s_ref.at[row_ids, cols], xf.astype(dtype), mask=mask & first_tile)
         if has_norm:
@@ -102,7 +110,8 @@ def _linear_kernel(*refs, rows, k_dim, n_out, block_k, block_n, eps, has_norm, h
         return tuple(out)
 
     zeros = jnp.zeros((ROW_TILE, block_n), jnp.float32)
-    accs = lax.fori_loop(0, n_tiles, step, (zeros, zeros) if swiglu else (zeros,))
+    accs = (zeros, zeros) if swiglu else (zeros,)
+    accs = step(0, accs) if first is not None else lax.fori_loop(0, n_tiles, step, accs)
     y = round_f32(accs[0], dtype)  # the Linear's output in the activation dtype
     if swiglu:
         silu = round_f32(y / (1.0 + jnp.exp(-y)), dtype)  # torch: silu in f32 on the bf16 gate, rounded

@@ -61,6 +61,7 @@ PRESETS = {
     "32B": dict(zip(_SHAPE, (5120, 25600, 64, 64, 8, 128, 151936, False))),
 }
 ENGINES = ("jax-pallas", "jax-xla", "hf-eager", "hf-compile")
+PALLAS_OPS = tuple(f.name for f in dataclasses.fields(Kernels) if f.name != "interpret")
 GREEDY = SamplingParams.greedy_decoding()
 _T0 = time.perf_counter()
 
@@ -484,6 +485,7 @@ def run_benchmark(args) -> dict:
         "meta": {"model": model_name, "config": dataclasses.asdict(config), "gpu": _device_name(device),
                  "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                  "commit": args.commit or _git_commit(), "command": args.command, "chunk": args.chunk,
+                 "pallas_ops": args.pallas_ops or "all",
                  "versions": {"jax": jax.__version__, "torch": torch.__version__,
                               "transformers": _version("transformers")},
                  "params": config.num_params(), "weight_bytes": config.num_params() * itemsize(config)},
@@ -500,7 +502,11 @@ def run_benchmark(args) -> dict:
     engines = {}
     for name in args.engines:
         if name in ("jax-pallas", "jax-xla"):
-            kernels = Kernels.pallas() if name == "jax-pallas" else Kernels.reference()
+            kernels = Kernels.reference()
+            if name == "jax-pallas":
+                kernels = Kernels.pallas()
+                if args.pallas_ops is not None:  # an ablation: the other ops on their references
+                    kernels = Kernels(**dict.fromkeys(args.pallas_ops, True), interpret=kernels.interpret)
             engines[name] = JaxEngine(name, config, params, kernels, args.chunk, args.profile)
     if any(e.startswith("hf-") for e in args.engines):
         import transformers
@@ -594,7 +600,9 @@ def render(results: list[dict]) -> str:
     for r in results:
         m, c = r["meta"], r["ceilings"]
         init = ", ".join(f"{k} {v:.1f} s" for k, v in m.get("init_s", {}).items())
-        lines += [f"- `{m['command']}` (commit {m['commit']}, {m['gpu']}, {m['date']}, jax {m['versions']['jax']}, "
+        ops = m.get("pallas_ops", "all")
+        ops = "" if ops == "all" else f"; jax-pallas kernels: {', '.join(ops)} only"
+        lines += [f"- `{m['command']}` (commit {m['commit']}, {m['gpu']}, {m['date']}, jax {m['versions']['jax']}{ops}, "
                   f"torch {m['versions']['torch']}, transformers {m['versions']['transformers']})",
                   f"  - measured limits: device copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write, "
                   f"{c['copy_gib']:.0f} GiB), bf16 matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s "
@@ -664,6 +672,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=256, help="new tokens per decode run (greedy, no early stop)")
     p.add_argument("--prefill", type=_ints, default=[2048, 8192], help="prefill prompt lengths (batch 1)")
     p.add_argument("--chunk", type=int, default=DECODE_CHUNK, help="JAX decode steps per device call (generate's chunk)")
+    p.add_argument("--pallas-ops", type=lambda v: [o.strip() for o in v.split(",") if o.strip()],
+                   help=f"jax-pallas runs only these ops as kernels, the rest as references (comma list of "
+                        f"{', '.join(PALLAS_OPS)}; default: all)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per workload (median reported)")
     p.add_argument("--hf-cap-s", type=float, default=3.0,
                    help="HF decode: fewer new tokens when a run would take longer than this (0: never)")
@@ -682,6 +693,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.prompts, args.new_tokens, args.prefill, args.reps = [1, 8], [128], 32, [512], 2
+    if args.pallas_ops is not None and not set(args.pallas_ops) <= set(PALLAS_OPS):
+        p.error(f"--pallas-ops: unknown op(s) {sorted(set(args.pallas_ops) - set(PALLAS_OPS))}; "
+                f"choose from {', '.join(PALLAS_OPS)}")
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     bad = [e for e in args.engines if e not in ENGINES]
     if bad:

@@ -20,11 +20,11 @@ def make_inputs(seed, rows, k, n, dtype):
     return x, residual, norm_weight, w
 
 
-def assert_close(out, ref, dtype):
-    """bf16: within 2 ulps of the reference everywhere, mostly exact (f32 sums in another order can move a
-    rounding, and a moved rounding of the normalised input or the gate moves the output by about one ulp more);
-    near-zero outputs are judged against a floor of 2^-10 of the outputs' RMS, below which cancellation rules.
-    f32: relative to the outputs' RMS."""
+def assert_close(out, ref, dtype, max_ulps=2):
+    """bf16: within `max_ulps` of the reference everywhere, mostly exact. Both sides sum in f32, in different
+    orders, so a rounding may move (by one ulp, and a moved rounding of a SwiGLU gate or up moves the product by
+    about two); near-zero outputs are judged against a floor of 2^-7 of the outputs' RMS, below which the f32
+    sums' own error (about 2^-24 sqrt(K) RMS) could decide a rounding. f32: relative to the outputs' RMS."""
     a, e = f64(out), f64(ref)
     assert a.shape == e.shape
     assert np.isfinite(a).all(), "non-finite output (an unwritten element?)"
@@ -32,8 +32,8 @@ def assert_close(out, ref, dtype):
     if jnp.dtype(dtype) == jnp.dtype(jnp.float32):
         np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-5 * rms)
         return
-    err = np.abs(a - e) / ulp(np.maximum(np.abs(e), rms / 1024), dtype)
-    assert err.max() <= 2, f"max error {err.max():.2f} ulps"
+    err = np.abs(a - e) / ulp(np.maximum(np.abs(e), rms / 128), dtype)
+    assert err.max() <= max_ulps, f"max error {err.max():.2f} ulps"
     assert np.mean(a == e) >= 0.9, f"only {np.mean(a == e):.3f} of elements match exactly"
 
 
@@ -52,7 +52,7 @@ def check(rows, k, n, dtype, *, norm, residual, swiglu, block, seed=0, lead=None
         (got, got_sum), (want, want_sum) = got, want
         np.testing.assert_array_equal(f64(got_sum), f64(want_sum))  # one rounding: bit-exact
     assert got.dtype == x.dtype and got.shape == (*x.shape[:-1], n // 2 if swiglu else n)
-    assert_close(got, want, dtype)
+    assert_close(got, want, dtype, max_ulps=3 if swiglu else 2)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +107,7 @@ def test_bad_arguments():
 def test_default_block_is_sane():
     for n, k in ((1024, 2048), (4096, 1024), (6144, 4096), (12288, 4096), (4096, 12288)):
         b = default_block(n, k)
-        assert b.block_n >= 16 and b.block_n & (b.block_n - 1) == 0 and 16 <= b.block_k <= 512
+        assert b.block_n >= 16 and b.block_n & (b.block_n - 1) == 0 and 16 <= b.block_k <= 1024
 
 
 @pytest.mark.gpu
