@@ -1,8 +1,8 @@
 """The Qwen3 forward pass as pure functions of (params, tokens, positions, cache), op by op as HF computes it.
 
 Layers are unrolled (a Python loop under jit), so XLA sees one straight-line program per step. The residual
-add of each sub-block is fused into the following RMSNorm, and that RMSNorm into the linear layer after it
-(`ops.dense`; one Pallas kernel at decode), computing exactly HF's `residual + out`, norm and projection.
+add of each sub-block is fused into the RMSNorm that opens the next one (`ops.dense` = RMSNorm + linear), which
+computes exactly HF's `residual + out` followed by the norm and the projection.
 """
 
 from __future__ import annotations
@@ -55,8 +55,7 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCach
     new_k, new_v = [], []
     out, residual = None, None
     for i, p in enumerate(params["layers"]):
-        # Each sub-block's residual add is fused into the RMSNorm that opens the next one, and that RMSNorm
-        # into the linear layer after it (`ops.dense`).
+        # Each sub-block's residual add is fused into the RMSNorm that opens the next one (`ops.dense`).
         if residual is None:
             qkv, residual = ops.dense(kernels, h, p["qkv_proj"], norm_weight=p["input_layernorm"], eps=eps), h
         else:

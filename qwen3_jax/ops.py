@@ -10,7 +10,6 @@ import jax.numpy as jnp
 
 from pallas_kernels import attention as _attn
 from pallas_kernels import decode_attention as _dec
-from pallas_kernels import linear as _lin
 from pallas_kernels import qkv_rope as _qkv
 from pallas_kernels import rms_norm as _rms
 
@@ -23,7 +22,6 @@ class Kernels:
     qkv_rope: bool = False
     attention: bool = False
     decode_attention: bool = False
-    linear: bool = False  # the fused RMSNorm + linear (+ SwiGLU) kernel, for steps of at most FUSED_ROWS tokens
     interpret: bool = False
 
     @classmethod
@@ -34,8 +32,7 @@ class Kernels:
     def pallas(cls, interpret: bool | None = None) -> "Kernels":
         if interpret is None:
             interpret = jax.default_backend() != "gpu"
-        return cls(rms_norm=True, qkv_rope=True, attention=True, decode_attention=True, linear=True,
-                   interpret=interpret)
+        return cls(rms_norm=True, qkv_rope=True, attention=True, decode_attention=True, interpret=interpret)
 
     @classmethod
     def resolve(cls, choice: "str | Kernels | None") -> "Kernels":
@@ -53,12 +50,9 @@ class Kernels:
 
     @property
     def name(self) -> str:
-        flags = (self.rms_norm, self.qkv_rope, self.attention, self.decode_attention, self.linear)
+        flags = (self.rms_norm, self.qkv_rope, self.attention, self.decode_attention)
         base = "pallas" if all(flags) else "reference" if not any(flags) else "mixed"
         return base + (" (interpret)" if self.interpret and any(flags) else "")
-
-
-FUSED_ROWS = 16  # steps of at most this many tokens (decode) run their linear layers as the fused Pallas kernel
 
 
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -76,12 +70,11 @@ def rms_norm(k: Kernels, x, weight, eps, residual=None):
 
 
 def dense(k: Kernels, x, w, *, norm_weight=None, residual=None, eps=None, swiglu=False):
-    """A linear layer act(norm(x [+ residual]) @ w.T) (see `pallas_kernels.linear`); with `residual`, returns
-    (y, residual + x). Few tokens: one fused kernel. Otherwise the RMSNorm op, an XLA matmul and a jnp SwiGLU."""
-    rows = x.size // x.shape[-1]
-    if k.linear and rows <= FUSED_ROWS:
-        return _lin.linear(x, w, norm_weight=norm_weight, residual=residual, eps=eps, swiglu=swiglu,
-                           interpret=k.interpret)
+    """A linear layer act(norm(x [+ residual]) @ w.T): the RMSNorm op (optional; with `residual` the call returns
+    (y, residual + x)), an XLA matmul, and SwiGLU (silu(gate) * up over w = [gate; up]) as torch rounds it.
+
+    The matmul stays with XLA: a fused Pallas RMSNorm + matrix-vector kernel (Triton lowering) measured slower
+    than XLA's own matrix-vector kernels at decode (BENCHMARKS.md)."""
     summed = None
     if norm_weight is not None:
         x = rms_norm(k, x, norm_weight, eps, residual=residual)

@@ -46,12 +46,11 @@ from jax import lax  # noqa: E402
 
 from pallas_kernels import attention as attn  # noqa: E402
 from pallas_kernels import decode_attention as dec  # noqa: E402
-from pallas_kernels import linear as lin  # noqa: E402
 from pallas_kernels import qkv_rope as qr  # noqa: E402
 from pallas_kernels import rms_norm as rn  # noqa: E402
 
-KERNELS = ("rms_norm", "linear", "qkv_rope", "decode_attention", "attention")  # table order
-RUN_ORDER = ("rms_norm", "linear", "qkv_rope", "attention", "decode_attention")  # the time budget cuts the last sweeps first
+KERNELS = ("rms_norm", "qkv_rope", "decode_attention", "attention")  # table order
+RUN_ORDER = ("rms_norm", "qkv_rope", "attention", "decode_attention")  # the time budget cuts the last sweeps first
 TOLERANCE = 1e-2  # relative error of a bf16 output against its reference
 ROTATE_BYTES = 100e6  # rotate input sets until a round of calls touches twice the 50 MB L2
 NUM_SMS = 132  # H100 SXM and H200: the decode sweep aims its split counts at them
@@ -410,54 +409,13 @@ def qkv_rope_cases(quick: bool, interpret: bool):
                    make, ours, reference, blocks, label, nbytes=2 * 2 * b * t * (hq + 2 * kv) * d, donate=(5, 6))
 
 
-def linear_cases(quick: bool, interpret: bool):
-    # (layer, K, N): Qwen3-0.6B and 8B decode linears; qkv and gate_up open with the residual add + RMSNorm
-    layers = [("qkv", 64, 128), ("gate_up", 64, 192)] if quick else [
-        ("qkv 0.6B", 1024, 4096), ("o_proj 0.6B", 2048, 1024), ("gate_up 0.6B", 1024, 6144), ("down 0.6B", 3072, 1024),
-        ("qkv 8B", 4096, 6144), ("gate_up 8B", 4096, 24576), ("down 8B", 12288, 4096)]
-    rows_list = [2] if quick else [1, 8]
-    for layer, k, n in layers:
-        norm, swiglu = layer.startswith(("qkv", "gate_up")), layer.startswith("gate_up")
-        default = lin.default_block(n // 2 if swiglu else n, k)
-        variants = [(16, 256, 4, 4), (32, 512, 4, 4), (64, 256, 4, 3), (16, 1024, 4, 3), (16, 512, 8, 4)]
-        blocks = [default] if quick else [default, *(lin.LinearBlock(*v) for v in variants
-                                                     if lin.LinearBlock(*v) != default)]
-
-        def label(b, default=default):
-            return (f"bn={b.block_n} bk={b.block_k} w={b.num_warps} st={b.num_stages}"
-                    + (" (default)" if b == default else ""))
-
-        def ours(blk, norm=norm, swiglu=swiglu):
-            if norm:
-                return lambda x, w, nw, r: lin.linear(x, w, norm_weight=nw, residual=r, eps=1e-6, swiglu=swiglu,
-                                                      block=blk, interpret=interpret)
-            return lambda x, w: lin.linear(x, w, block=blk, interpret=interpret)
-
-        def reference(x, w, *a, swiglu=swiglu):
-            if a:
-                return lin.linear_reference(x, w, norm_weight=a[0], residual=a[1], eps=1e-6, swiglu=swiglu)
-            return lin.linear_reference(x, w)
-
-        for rows in rows_list:
-            def make(key, rows=rows, k=k, n=n, norm=norm):
-                kx, kw, kn, kr = jax.random.split(key, 4)
-                x, w = _normal(kx, (rows, k)), _normal(kw, (n, k), k ** -0.5)  # [M, K], [N, K]
-                return (x, w, _normal(kn, (k,), 0.1, 1.0), _normal(kr, (rows, k))) if norm else (x, w)
-
-            # the weight once, the inputs (+ residual, + the sum written), the outputs
-            nbytes = 2 * (n * k + rows * (k * (3 if norm else 1) + (n // 2 if swiglu else n)))
-            yield Case("linear", f"{layer}: {rows}×{k} → {n // 2 if swiglu else n}"
-                       + (" (norm + residual" + (" + SwiGLU)" if swiglu else ")") if norm else ""),
-                       make, ours, reference, blocks, label, nbytes)
-
-
 def decode_attention_cases(quick: bool, interpret: bool):
     hq, kv, d = (8, 2, 64) if quick else (32, 8, 128)
     shapes = [(2, 128)] if quick else [(8, 8192), (1, 32768), (64, 2048), (1, 512)]
     default = dec.Block()
     blocks = [default, dec.Block(block_k=32, num_warps=8)] if quick else [
         default, *(dec.Block(block_k=bk, num_warps=w) for bk in (64, 128) for w in (4, 8)),
-        dec.Block(block_k=256, num_warps=8, num_stages=2)]
+        dec.Block(block_k=256, num_warps=8, num_stages=1)]
 
     def label(b):
         return (f"bk={b.block_k} splits={b.num_splits or 'auto'} w={b.num_warps} st={b.num_stages}"
@@ -525,7 +483,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-CASES = {"rms_norm": rms_norm_cases, "linear": linear_cases, "qkv_rope": qkv_rope_cases, "decode_attention": decode_attention_cases,
+CASES = {"rms_norm": rms_norm_cases, "qkv_rope": qkv_rope_cases, "decode_attention": decode_attention_cases,
          "attention": attention_cases}
 
 
@@ -595,8 +553,7 @@ def render(result: dict) -> str:
         "- % of limit: GB/s and TB/s rows = fewest bytes (inputs read once, outputs written once) / time / copy "
         "bandwidth; TFLOP/s rows = FLOP/s / matmul (attention: causal FLOPs 4·T²·Hq·D/2); qkv_rope is the "
         "projection's epilogue (q/k norm + RoPE, k/v written into a zeroed cache, donated as in the model; the "
-        "reference writes it with dynamic_update_slice): bytes = qkv read + q, k, v written; linear is the fused "
-        "decode linear (its reference: RMSNorm, matmul and SwiGLU as XLA fuses them): bytes = the weight + the rows",
+        "reference writes it with dynamic_update_slice): bytes = qkv read + q, k, v written",
     ]
     swept = [r for r in result["rows"] if len(r.get("sweep", [])) > 1]
     if swept:
