@@ -83,3 +83,46 @@ def test_limits_count_bytes_and_flops():
     t = 2048
     linear = 2 * t * 36 * (4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 12288)
     assert benchmark.prefill_flops(config, t) == linear + 2 * t * t * 32 * 128 * 36 + 2 * 4096 * 151936
+
+
+def _event(metadata_id, start_us, dur_us, module):
+    return (f'events {{ metadata_id: {metadata_id} offset_ps: {int(start_us * 1e6)} duration_ps: {int(dur_us * 1e6)} '
+            f'stats {{ metadata_id: 1 str_value: "{module}" }} }}')
+
+
+def test_kernel_profile_counts_kernels_busy_time_and_gaps_per_step(tmp_path):
+    from jax.profiler import ProfileData
+
+    # Two decode steps of (gemv 2 us, gap 1 us, norm 1 us), 6 us apart; one prefill kernel; an "XLA Ops" line
+    # (the same work seen as HLO ops, which must not be counted twice) and a host plane, both ignored.
+    decode = [_event(1, 0, 2, "jit_decode"), _event(2, 3, 1, "jit_decode"),
+              _event(1, 6, 2, "jit_decode"), _event(2, 9, 1, "jit_decode")]
+    text = f'''
+    planes {{ id: 1 name: "/device:GPU:0"
+      lines {{ id: 1 name: "Stream #13(Compute)" {" ".join(decode)} {_event(1, 20, 50, "jit_prefill")} }}
+      lines {{ id: 2 name: "XLA Ops" {_event(1, 0, 10, "jit_decode")} }}
+      event_metadata {{ key: 1 value {{ id: 1 name: "gemv" }} }}
+      event_metadata {{ key: 2 value {{ id: 2 name: "norm" }} }}
+      stat_metadata {{ key: 1 value {{ id: 1 name: "hlo_module" }} }} }}
+    planes {{ id: 2 name: "/host:CPU" lines {{ id: 1 name: "Stream #1" {_event(1, 0, 99, "jit_decode")} }}
+      event_metadata {{ key: 1 value {{ id: 1 name: "host" }} }}
+      stat_metadata {{ key: 1 value {{ id: 1 name: "hlo_module" }} }} }}
+    '''
+    run = tmp_path / "plugins" / "profile" / "run"
+    run.mkdir(parents=True)
+    (run / "vm.xplane.pb").write_bytes(ProfileData.text_proto_to_serialized_xspace(text))
+    prof = benchmark.kernel_profile(tmp_path, steps=2)
+    assert prof["module"] == "jit_decode" and prof["modules"] == {"jit_decode": 4, "jit_prefill": 1}
+    assert prof["kernels_per_step"] == 2
+    assert prof["busy_us_per_step"] == pytest.approx(3.0) and prof["span_us_per_step"] == pytest.approx(5.0)
+    assert prof["gap_us_per_step"] == pytest.approx(2.0)
+    assert [(k["kernel"], k["per_step"], k["mean_us"]) for k in prof["top"]] == [("gemv", 1, 2.0), ("norm", 1, 1.0)]
+    with pytest.raises(RuntimeError, match="no .xplane.pb trace"):
+        benchmark.kernel_profile(tmp_path / "empty", steps=1)
+
+
+def test_pallas_ops_ablation_flag():
+    assert benchmark.parse_args(["--pallas-ops", "rms_norm, qkv_rope"]).pallas_ops == ["rms_norm", "qkv_rope"]
+    assert benchmark.parse_args([]).pallas_ops is None  # every op as a kernel
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--pallas-ops", "rms_norm,flash"])
