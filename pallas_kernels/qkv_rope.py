@@ -1,7 +1,7 @@
 """Qwen3 attention epilogue: per-head q/k RMSNorm + RoPE on the QKV projection, k/v optionally into the cache.
 
-Design: the projection itself happens upstream (a fused RMSNorm + linear kernel at decode, an XLA matmul at
-prefill; either way f32 accumulation and the output in the activation dtype, as a torch Linear). This op is ONE
+Design: the projection itself happens upstream (an XLA matmul, which beat a fused Pallas RMSNorm + matmul
+kernel at decode: f32 accumulation and the output in the activation dtype, as a torch Linear). This op is ONE
 Pallas kernel that reads the projection qkv [B, T, (Hq + 2KV) * D] once. Program (b, i, g) of the grid
 (B, cdiv(T, bt), KV) owns tokens [i * bt, (i + 1) * bt) of batch row b and kv group g: it RMS-normalises each of
 the group's Hq/KV q heads and its k head over head_dim (HF cast order), applies RoPE with cos/sin computed in f32
