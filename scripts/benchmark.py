@@ -5,7 +5,7 @@
     python scripts/benchmark.py --model 8B --skip-compile --time-budget 480
     python scripts/benchmark.py --config path/to/config.json --quick --no-append
     python scripts/benchmark.py --from-json run1.json run2.json         # render saved runs and append them
-    python scripts/benchmark.py --engines jax-pallas --batches 1 --prefill "" --profile /tmp/trace   # where time goes
+    python scripts/benchmark.py --engines jax-pallas --batches 1 --prefill "" --profile trace   # where time goes
 
 Engines, side by side on the same weights (HF's parameters are zero-copy DLPack views of the JAX arrays):
 jax-pallas (this project, Pallas kernels), jax-xla (this project, the jnp reference ops), hf-eager
@@ -501,12 +501,12 @@ def run_benchmark(args) -> dict:
     result["meta"]["init_s"] = {"jax": time.perf_counter() - t}
     engines = {}
     for name in args.engines:
-        if name in ("jax-pallas", "jax-xla"):
-            kernels = Kernels.reference()
-            if name == "jax-pallas":
-                kernels = Kernels.pallas()
-                if args.pallas_ops is not None:  # an ablation: the other ops on their references
-                    kernels = Kernels(**dict.fromkeys(args.pallas_ops, True), interpret=kernels.interpret)
+        if name == "jax-xla":
+            engines[name] = JaxEngine(name, config, params, Kernels.reference(), args.chunk, args.profile)
+        elif name == "jax-pallas":
+            kernels = Kernels.pallas()
+            if args.pallas_ops is not None:  # an ablation: the other ops on their references
+                kernels = Kernels(**dict.fromkeys(args.pallas_ops, True), interpret=kernels.interpret)
             engines[name] = JaxEngine(name, config, params, kernels, args.chunk, args.profile)
     if any(e.startswith("hf-") for e in args.engines):
         import transformers
