@@ -1,13 +1,7 @@
-"""RMSNorm (optionally fused with the residual add) as a Pallas kernel, Triton or Mosaic GPU lowering.
+"""RMSNorm (optionally fused with the residual add) as a Pallas kernel, Triton lowering.
 
 Numerics follow Hugging Face's `Qwen3RMSNorm` exactly: statistics in f32, the normalised value cast to the
 activation dtype first, and only then multiplied by the weight (a product in the activation dtype).
-
-Two lowerings of the same op, picked by `RmsNormBlock.backend`:
-- "triton": one program per `block_rows` rows, whole rows in registers, masked loads and stores.
-- "mosaic": persistent CTAs (one warpgroup each) stream blocks of whole rows through shared memory with TMA
-  bulk copies, `num_stages` blocks in flight per CTA, and write results back through double-buffered
-  shared memory, so loads, math and stores of consecutive blocks overlap.
 """
 
 from __future__ import annotations
@@ -19,38 +13,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import mosaic_gpu as plmgpu
 from jax.experimental.pallas import triton as plgpu
 
 _FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-_BACKENDS = ("triton", "mosaic")
-_WARPGROUP = 128  # threads of one Mosaic GPU CTA; each holds hidden / 128 elements of a row
-_SMEM_BYTES = 223 * 1024  # an H100 / H200 CTA's 227 KiB, less room for barriers and Mosaic's reduction scratch
-_NUM_SMS = 132  # H100 SXM and H200: the Mosaic grid's default when the device does not say
 
 
 @dataclasses.dataclass(frozen=True)
 class RmsNormBlock:
-    """Tiling of one program (a CTA) and the lowering that runs it.
-
-    `backend` "triton": `block_rows` whole rows (a power of two) per program, `num_warps` warps and
-    `num_stages` Triton pipeline stages (`num_ctas` is ignored).
-    `backend` "mosaic": `block_rows` rows (any count) per TMA copy, `num_stages` such blocks in flight per CTA
-    (loads issued ahead of the math), and `num_ctas` persistent CTAs striding over the blocks (0: two per SM).
-    `num_warps` is fixed at one warpgroup (4 warps) there and ignored."""
+    """Tiling of one program: `block_rows` whole rows (a power of two), Triton warps and pipeline stages."""
 
     block_rows: int = 1
     num_warps: int = 8
     num_stages: int = 1
-    backend: str = "triton"
-    num_ctas: int = 0
 
 
-def default_block(hidden: int, backend: str = "triton") -> RmsNormBlock:
-    """A sensible H100/H200 tiling for rows of `hidden` elements: ~2-8K elements per program (Triton), or
-    ~4K elements per TMA copy with three copies in flight per CTA (Mosaic)."""
-    if backend == "mosaic":
-        return RmsNormBlock(block_rows=max(1, 4096 // hidden), num_stages=3, backend="mosaic")
+def default_block(hidden: int) -> RmsNormBlock:
+    """A sensible H100/H200 tiling for rows of `hidden` elements: ~2-8K elements per program."""
     hidden_pad = pl.next_power_of_2(hidden)
     block_rows = max(1, 2048 // hidden_pad)
     tile = block_rows * hidden_pad
@@ -102,64 +80,6 @@ def _rms_norm_kernel(*refs, eps, rows, hidden, block_rows, hidden_pad, has_resid
     plgpu.store(o_ref.at[tile], out.astype(dtype), mask=mask)
 
 
-def _rms_norm_mosaic_kernel(x_gmem, w_gmem, *refs, eps, rows, hidden, block_rows, num_stages, num_ctas,
-                            has_residual):
-    # refs: [residual], out, [sum] in GMEM, then the scratch: in_smem [S, n, R, H] (S slots of the n input
-    # streams: x[, residual]), out_smem [2, n, R, H] (two slots of normed[, sum]), w_smem [H] and the barriers
-    # `loaded` (one per input slot) and `w_loaded`. CTA c owns the row blocks c, c + C, c + 2C, ... (C CTAs).
-    n = 1 + has_residual
-    in_gmem = (x_gmem, *refs[:n - 1])
-    out_gmem = refs[n - 1:2 * n - 1]
-    in_smem, out_smem, w_smem, loaded, w_loaded = refs[2 * n - 1:]
-    dtype = x_gmem.dtype
-    cta = lax.axis_index("cta")
-    steps = (pl.cdiv(rows, block_rows) - cta + num_ctas - 1) // num_ctas  # blocks of this CTA, >= 1
-
-    def block(k):  # rows of this CTA's k-th block; the last block of the array may run past `rows`
-        return pl.ds((cta + k * num_ctas) * block_rows, block_rows)
-
-    def fetch(k):
-        # Whole rows are contiguous, so each copy is one TMA bulk copy (not a tiled TMA copy, which would limit
-        # a row to 256 elements), clamped at the end of the array: rows past it keep stale values (zeros in the
-        # interpreter) and are never stored. The weight's copy below is a bulk copy for the same reason.
-        for i, src in enumerate(in_gmem):
-            plmgpu.copy_gmem_to_smem(src.at[block(k)], in_smem.at[k % num_stages, i], loaded.at[k % num_stages],
-                                     oob_mode=plmgpu.OOBFillMode.UNDEFINED)
-
-    plmgpu.copy_gmem_to_smem(w_gmem, w_smem, w_loaded, oob_mode=plmgpu.OOBFillMode.PROMISE_IN_BOUNDS)
-    for k in range(num_stages):  # prologue: fill every input slot
-        pl.when(k < steps)(functools.partial(fetch, k))
-    plmgpu.barrier_wait(w_loaded)
-    w = w_smem[...].astype(jnp.float32)  # [H], kept in registers for every row
-
-    @pl.loop(0, steps)
-    def _(k):
-        slot, out_slot = k % num_stages, k % 2
-        plmgpu.barrier_wait(loaded.at[slot])
-        plmgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the stores from out_slot two steps ago have read it
-        for r in range(block_rows):  # one row at a time: [H] spread over the warpgroup, a full reduction each
-            # Values stay in f32, holding exactly what torch holds in the activation dtype (see `round_f32`).
-            xf = in_smem[slot, 0, r].astype(jnp.float32)  # [H]
-            if has_residual:
-                xf = round_f32(in_smem[slot, 1, r].astype(jnp.float32) + xf, dtype)  # residual + x in dtype
-                out_smem[out_slot, 1, r] = xf.astype(dtype)
-            var = jnp.sum(xf * xf) / hidden
-            xn = round_f32(xf * lax.rsqrt(var + eps), dtype)  # HF: cast to the activation dtype first,
-            out_smem[out_slot, 0, r] = round_f32(w * xn, dtype).astype(dtype)  # then weight * xn
-        plmgpu.commit_smem()  # stores visible to TMA; also a warpgroup barrier: in_smem[slot] is free again
-        for i, dst in enumerate(out_gmem):  # one bulk-copy group per step (the last copy commits it)
-            plmgpu.copy_smem_to_gmem(out_smem.at[out_slot, i], dst.at[block(k)], commit_group=i == n - 1)
-        pl.when(k + num_stages < steps)(functools.partial(fetch, k + num_stages))
-
-    plmgpu.wait_smem_to_gmem(0)
-
-
-def _mosaic_smem_bytes(block, hidden, itemsize, has_residual):
-    """Shared memory of one Mosaic CTA: `num_stages` input slots, two output slots (each x[, residual] or
-    normed[, sum] blocks) and the weight."""
-    return (block.num_stages + 2) * (1 + has_residual) * block.block_rows * hidden * itemsize + hidden * itemsize
-
-
 def _check_args(x, weight, residual, block):
     if x.ndim < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have a non-empty last (hidden) axis, got shape {x.shape}")
@@ -173,42 +93,15 @@ def _check_args(x, weight, residual, block):
         raise ValueError(
             f"residual must match x {x.shape} {x.dtype}, got {residual.shape} {residual.dtype}"
         )
-    if block is None:
-        return
-    if block.backend not in _BACKENDS:
-        raise ValueError(f"block.backend must be one of {_BACKENDS}, got {block.backend!r}")
-    if block.backend == "triton":
+    if block is not None:
         if block.block_rows < 1 or block.block_rows & (block.block_rows - 1):
             raise ValueError(f"block.block_rows must be a power of two, got {block.block_rows}")
         if block.num_warps < 1 or block.num_warps & (block.num_warps - 1):
             raise ValueError(f"block.num_warps must be a power of two, got {block.num_warps}")
-        return
-    hidden = x.shape[-1]
-    if hidden % _WARPGROUP:
-        raise ValueError(
-            f"the mosaic backend spreads each row over a warpgroup of {_WARPGROUP} threads: hidden must be a "
-            f"multiple of {_WARPGROUP}, got {hidden}"
-        )
-    if block.block_rows < 1:
-        raise ValueError(f"block.block_rows must be >= 1, got {block.block_rows}")
-    if block.num_stages < 1:
-        raise ValueError(f"block.num_stages (row blocks in flight per CTA) must be >= 1, got {block.num_stages}")
-    if block.num_ctas < 0:
-        raise ValueError(f"block.num_ctas must be >= 0 (0: two per SM), got {block.num_ctas}")
-    smem = _mosaic_smem_bytes(block, hidden, jnp.dtype(x.dtype).itemsize, residual is not None)
-    if smem > _SMEM_BYTES:
-        raise ValueError(
-            f"block {block} needs {smem / 1024:.0f} KiB of shared memory per CTA for rows of {hidden} "
-            f"{x.dtype}, over the {_SMEM_BYTES // 1024} KiB an H100/H200 CTA can use: lower block_rows or "
-            "num_stages"
-        )
 
 
 def rms_norm(x, weight, *, eps, residual=None, block=None, interpret=False):
-    """HF-order RMSNorm over the last axis; with `residual`, returns (norm(residual + x), residual + x).
-
-    `interpret=True` runs the kernel in Pallas' interpreter (on CPU); for the mosaic backend an
-    `InterpretGPUParams` may be passed instead (e.g. with `detect_races=True`)."""
+    """HF-order RMSNorm over the last axis; with `residual`, returns (norm(residual + x), residual + x)."""
     _check_args(x, weight, residual, block)
     *lead, hidden = x.shape
     x2 = x.reshape(-1, hidden)  # [M, H]
@@ -216,28 +109,17 @@ def rms_norm(x, weight, *, eps, residual=None, block=None, interpret=False):
     if rows == 0:
         return (x, x) if residual is not None else x
     block = block or default_block(hidden)
-    has_residual = residual is not None
-    operands = (x2, weight) + ((residual.reshape(-1, hidden),) if has_residual else ())
-    run = _rms_norm_mosaic if block.backend == "mosaic" else _rms_norm_triton
-    outs = run(operands, eps=float(eps), rows=rows, hidden=hidden, block=block, interpret=interpret)
-    if has_residual:
-        normed, summed = outs
-        return normed.reshape(x.shape), summed.reshape(x.shape)
-    return outs.reshape(*lead, hidden)
-
-
-def _rms_norm_triton(operands, *, eps, rows, hidden, block, interpret):
-    """The Triton pallas_call on [M, H] operands (x, weight[, residual]): normed[, sum]."""
-    x2 = operands[0]
     hidden_pad = pl.next_power_of_2(hidden)
-    has_residual = len(operands) == 3
+    has_residual = residual is not None
+
     kernel = functools.partial(
-        _rms_norm_kernel, eps=eps, rows=rows, hidden=hidden, block_rows=block.block_rows,
+        _rms_norm_kernel, eps=float(eps), rows=rows, hidden=hidden, block_rows=block.block_rows,
         hidden_pad=hidden_pad, has_residual=has_residual,
     )
-    out_shape = jax.ShapeDtypeStruct((rows, hidden), x2.dtype)
-    itemsize = jnp.dtype(x2.dtype).itemsize
-    return pl.pallas_call(
+    out_shape = jax.ShapeDtypeStruct((rows, hidden), x.dtype)
+    operands = (x2, weight) + ((residual.reshape(-1, hidden),) if has_residual else ())
+    itemsize = jnp.dtype(x.dtype).itemsize
+    outs = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(rows, block.block_rows),),
         out_shape=(out_shape, out_shape) if has_residual else out_shape,
@@ -249,41 +131,10 @@ def _rms_norm_triton(operands, *, eps, rows, hidden, block, interpret):
         interpret=interpret,
         name="rms_norm_residual" if has_residual else "rms_norm",
     )(*operands)
-
-
-def _rms_norm_mosaic(operands, *, eps, rows, hidden, block, interpret):
-    """The Mosaic GPU kernel on [M, H] operands (x, weight[, residual]): normed[, sum]."""
-    x2 = operands[0]
-    dtype = x2.dtype
-    has_residual = len(operands) == 3
-    n = 1 + has_residual
-    block_rows = min(block.block_rows, rows)  # a copy never spans more rows than the array has
-    num_blocks = pl.cdiv(rows, block_rows)
-    num_ctas = block.num_ctas or 2 * (getattr(jax.devices()[0], "core_count", None) or _NUM_SMS)
-    num_ctas = min(num_ctas, num_blocks)  # every CTA gets at least one block
-    num_stages = min(block.num_stages, pl.cdiv(num_blocks, num_ctas))  # no slot a CTA could never fill
-    if interpret and not isinstance(interpret, plmgpu.InterpretGPUParams):
-        interpret = plmgpu.InterpretGPUParams()
-    out_shape = jax.ShapeDtypeStruct((rows, hidden), dtype)
-    kernel = functools.partial(
-        _rms_norm_mosaic_kernel, eps=eps, rows=rows, hidden=hidden, block_rows=block_rows,
-        num_stages=num_stages, num_ctas=num_ctas, has_residual=has_residual,
-    )
-    return plmgpu.kernel(
-        kernel,
-        out_type=(out_shape,) * n if has_residual else out_shape,
-        scratch_types=(
-            plmgpu.SMEM((num_stages, n, block_rows, hidden), dtype),  # in_smem
-            plmgpu.SMEM((2, n, block_rows, hidden), dtype),  # out_smem
-            plmgpu.SMEM((hidden,), dtype),  # w_smem
-            plmgpu.Barrier(num_arrivals=n, num_barriers=num_stages),  # loaded: one per input slot
-            plmgpu.Barrier(),  # w_loaded
-        ),
-        grid=(num_ctas,),
-        grid_names=("cta",),
-        kernel_name="rms_norm_residual" if has_residual else "rms_norm",
-        interpret=interpret or None,
-    )(*operands)
+    if has_residual:
+        normed, summed = outs
+        return normed.reshape(x.shape), summed.reshape(x.shape)
+    return outs.reshape(*lead, hidden)
 
 
 def rms_norm_reference(x, weight, *, eps, residual=None):

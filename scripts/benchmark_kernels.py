@@ -348,17 +348,10 @@ def rms_norm_cases(quick: bool, interpret: bool):
     n, h = (64, 256) if quick else (8192, 4096)
     eps = 1e-6
     default = rn.default_block(h)
-    mosaic = functools.partial(rn.RmsNormBlock, backend="mosaic")
     blocks = [default, rn.RmsNormBlock(block_rows=2, num_warps=4)] if quick else [
-        default, *(rn.RmsNormBlock(block_rows=r, num_warps=w) for r, w in ((1, 4), (1, 16), (2, 16), (4, 16))),
-        # Mosaic GPU: rows per TMA copy, copies in flight per CTA, persistent CTAs (0: two per SM; 8192: one
-        # block per CTA, no persistence).
-        rn.default_block(h, "mosaic"), *(mosaic(block_rows=r, num_stages=s, num_ctas=c) for r, s, c in (
-            (1, 2, 0), (1, 2, 396), (2, 2, 132), (1, 4, 132), (1, 1, 8192)))]
+        default, *(rn.RmsNormBlock(block_rows=r, num_warps=w) for r, w in ((1, 4), (1, 16), (2, 16), (4, 16)))]
 
     def label(b):
-        if b.backend == "mosaic":
-            return f"mosaic rows={b.block_rows} stages={b.num_stages} ctas={b.num_ctas or '2/SM'}"
         return f"rows={b.block_rows} w={b.num_warps}" + (" (default)" if b == default else "")
 
     def ours(blk):

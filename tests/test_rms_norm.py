@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import INTERPRET
-from jax.experimental.pallas import mosaic_gpu as plmgpu
 
 from pallas_kernels.rms_norm import RmsNormBlock, default_block, rms_norm, rms_norm_reference, round_f32
 
@@ -166,52 +165,6 @@ def test_kernel_matches_reference(shape, dtype, block):
     check_kernel(shape, dtype, block, seeds=(0, 1))
 
 
-def mosaic(block_rows, num_stages, num_ctas=0):
-    return RmsNormBlock(block_rows=block_rows, num_stages=num_stages, num_ctas=num_ctas, backend="mosaic")
-
-
-@pytest.mark.parametrize(
-    "shape, dtype, block",
-    [
-        # 15 rows in 8 blocks (the last one partial) over 2 CTAs: 4 steps each through 2 slots.
-        ((3, 5, 128), jnp.bfloat16, mosaic(block_rows=2, num_stages=2, num_ctas=2)),
-        ((7, 384), jnp.bfloat16, mosaic(block_rows=4, num_stages=3, num_ctas=1)),  # H not a power of 2
-        ((1, 1, 256), jnp.bfloat16, default_block(256, "mosaic")),  # one row (decode), more rows than that
-        ((13, 128), jnp.float32, mosaic(block_rows=1, num_stages=2, num_ctas=3)),  # 13 blocks, uneven over CTAs
-        ((2, 3, 4, 384), jnp.float32, default_block(384, "mosaic")),  # 4-d input
-    ],
-)
-def test_mosaic_kernel_matches_reference(shape, dtype, block):
-    check_kernel(shape, dtype, block, seeds=(0, 1))
-
-
-def test_mosaic_kernel_has_no_races():
-    """The interpreter's happens-before race detector over a pipeline that reuses every slot."""
-    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # the detector's state has no public name
-
-    x, residual, weight = make_inputs(4, (11, 256), jnp.bfloat16)
-    block = mosaic(block_rows=1, num_stages=2, num_ctas=2)
-    detect = plmgpu.InterpretGPUParams(detect_races=True)
-    for res in (None, residual):
-        out = rms_norm(x, weight, eps=EPS, residual=res, block=block, interpret=detect)
-        jax.block_until_ready(out)
-        assert not gpu_callbacks.get_races().races_found
-
-
-@pytest.mark.parametrize("shape", [(8192, 4096), (7, 4096), (1, 1024), (64, 5120)])
-def test_mosaic_kernel_lowers_for_the_gpu(shape):
-    """Lowering for CUDA runs on CPU through Mosaic GPU's layout inference and dialect lowering: it catches an
-    unsupported op or layout without a GPU (compiling to a cubin and running still need one)."""
-    x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    w = jax.ShapeDtypeStruct(shape[-1:], jnp.bfloat16)
-    block = default_block(shape[-1], "mosaic")
-    plain = jax.jit(lambda x, w: rms_norm(x, w, eps=EPS, block=block))
-    fused = jax.jit(lambda x, w, r: rms_norm(x, w, eps=EPS, residual=r, block=block))
-    for fn, args in ((plain, (x, w)), (fused, (x, w, x))):
-        text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-        assert "mosaic_gpu" in text
-
-
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_reference_matches_numpy(dtype):
     x, residual, weight = make_inputs(7, (4, 33, 160), dtype)
@@ -266,17 +219,6 @@ def test_bad_arguments():
         rms_norm(x, w, eps=EPS, block=RmsNormBlock(block_rows=3), interpret=True)
     with pytest.raises(ValueError, match="x must have a non-empty last"):
         rms_norm(jnp.ones((), jnp.bfloat16), w, eps=EPS, interpret=True)
-    with pytest.raises(ValueError, match="block.backend must be one of"):
-        rms_norm(x, w, eps=EPS, block=RmsNormBlock(backend="cuda"), interpret=True)
-    with pytest.raises(ValueError, match="hidden must be a multiple of 128"):
-        rms_norm(x, w, eps=EPS, block=mosaic(1, 2), interpret=True)
-    x, w = jnp.ones((4, 4096), jnp.bfloat16), jnp.ones((4096,), jnp.bfloat16)
-    with pytest.raises(ValueError, match="block.num_stages"):
-        rms_norm(x, w, eps=EPS, block=mosaic(1, 0), interpret=True)
-    with pytest.raises(ValueError, match="block.num_ctas"):
-        rms_norm(x, w, eps=EPS, block=mosaic(1, 2, num_ctas=-1), interpret=True)
-    with pytest.raises(ValueError, match="KiB of shared memory"):
-        rms_norm(x, w, eps=EPS, residual=x, block=mosaic(4, 2), interpret=True)
 
 
 def test_default_block_is_sane():
@@ -284,11 +226,6 @@ def test_default_block_is_sane():
         b = default_block(hidden)
         assert b.block_rows >= 1 and b.block_rows & (b.block_rows - 1) == 0
         assert 4 <= b.num_warps <= 16
-        b = default_block(hidden, "mosaic")
-        assert b.backend == "mosaic" and b.block_rows >= 1 and b.num_stages >= 2
-        for dtype in (jnp.bfloat16, jnp.float32):  # fits in shared memory (checked by the wrapper)
-            x = jax.ShapeDtypeStruct((8, hidden), dtype)
-            jax.eval_shape(lambda x, w: rms_norm(x, w, eps=EPS, residual=x, block=b), x, x.update(shape=(hidden,)))
 
 
 @pytest.mark.gpu
@@ -296,24 +233,3 @@ def test_default_block_is_sane():
 def test_kernel_gpu_real_shapes(hidden):
     check_kernel((8192, hidden), jnp.bfloat16, None, seeds=(0,))
     check_kernel((8, 1, hidden), jnp.bfloat16, None, seeds=(1,))  # decode rows
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("hidden", [4096, 1024, 2560, 5120])
-def test_mosaic_kernel_gpu_real_shapes(hidden):
-    block = default_block(hidden, "mosaic")
-    check_kernel((8192, hidden), jnp.bfloat16, block, seeds=(0,))
-    check_kernel((8, 1, hidden), jnp.bfloat16, block, seeds=(1,))  # decode rows
-    check_kernel((1, hidden), jnp.bfloat16, block, seeds=(2,))
-    check_kernel((7, hidden), jnp.bfloat16, block, seeds=(3,))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "block", [mosaic(1, 2), mosaic(2, 2, num_ctas=132), mosaic(1, 4, num_ctas=264), mosaic(3, 2, num_ctas=7)]
-)
-def test_mosaic_kernel_gpu_blocks(block):
-    """Other tilings at real shapes: rows a multiple of the block or not, few CTAs with long pipelines."""
-    check_kernel((8192, 4096), jnp.bfloat16, block, seeds=(0,))
-    check_kernel((4099, 4096), jnp.bfloat16, block, seeds=(1,))
-    check_kernel((1000, 2048), jnp.float32, block, seeds=(2,))
