@@ -105,7 +105,7 @@ def _qkv_rope_kernel(
     plgpu.store(v_ref.at[(*kv_lead, pl.ds(kv_col, head_dim))], v, mask=jnp.broadcast_to(slot_ok[:, None], v.shape))
 
 
-def _check_args(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, num_heads, num_kv_heads, head_dim):
+def check_args(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, num_heads, num_kv_heads, head_dim):
     """Shape and dtype checks shared by `qkv_rope` and its reference."""
     if qkv.ndim != 3:
         raise ValueError(f"qkv must be [B, T, (Hq + 2KV) * D], got shape {qkv.shape}")
@@ -159,7 +159,7 @@ def qkv_rope(qkv, q_norm, k_norm, inv_freq, positions, *, num_heads, num_kv_head
     q and k get per-head RMSNorm (q_norm / k_norm [D]) then RoPE at `positions` [B, T]; v is copied. The caller
     must keep positions[b, 0] + T <= S (jit cannot check traced positions): slots past S are not written.
     Donate the caches at the jit boundary so they are updated without a copy."""
-    _check_args(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, num_heads, num_kv_heads, head_dim)
+    check_args(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, num_heads, num_kv_heads, head_dim)
     block = block or QkvRopeBlock()
     _check_kernel_args(head_dim, block)
     b, t, _ = qkv.shape
@@ -224,7 +224,7 @@ def _cache_write_reference(k_cache, v_cache, k, v, start):
 def qkv_rope_reference(qkv, q_norm, k_norm, inv_freq, positions, *, num_heads, num_kv_heads, head_dim, eps,
                        k_cache=None, v_cache=None):
     """Pure-jnp twin of `qkv_rope`, op by op as Hugging Face's Qwen3Attention does it after the projection."""
-    _check_args(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, num_heads, num_kv_heads, head_dim)
+    check_args(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, num_heads, num_kv_heads, head_dim)
     b, t, _ = qkv.shape
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     q = qkv[..., :q_size].reshape(b, t, num_heads, head_dim)  # [B, T, Hq, D]

@@ -20,14 +20,14 @@ from .ops import Kernels, linear
 def _attention(p, qkv, positions, k_cache, v_cache, inv_freq, config: Qwen3Config, kernels: Kernels):
     """q/k norm, RoPE, this step's keys and values into the cache, attention: -> ([B, T, Hq * D], caches)."""
     b, t, _ = qkv.shape
-    q, k_cache, v_cache = ops.qkv_rope(kernels, qkv, p["q_norm"], p["k_norm"], inv_freq, positions, k_cache, v_cache,
-                                       num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
-                                       head_dim=config.head_dim, eps=config.rms_norm_eps)  # q [B,T,Hq,D]
-    start = positions[:, 0]
-    if t == 1:
-        o = ops.decode_attention(kernels, q[:, 0], k_cache, v_cache, start + 1)[:, None]  # [B,1,Hq,D]
+    args = (qkv, p["q_norm"], p["k_norm"], inv_freq, positions, k_cache, v_cache)
+    dims = dict(num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
+                head_dim=config.head_dim, eps=config.rms_norm_eps)
+    if t == 1:  # a decode step: one fused kernel when both ops are kernels
+        o, k_cache, v_cache = ops.decode_qkv_attention(kernels, *args, **dims)  # o [B, Hq, D]
     else:
-        o = ops.attention(kernels, q, k_cache, v_cache, start)  # [B,T,Hq,D]
+        q, k_cache, v_cache = ops.qkv_rope(kernels, *args, **dims)  # q [B, T, Hq, D]
+        o = ops.attention(kernels, q, k_cache, v_cache, positions[:, 0])  # [B, T, Hq, D]
     return o.reshape(b, t, config.q_size), k_cache, v_cache
 
 

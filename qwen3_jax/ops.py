@@ -93,6 +93,16 @@ def qkv_rope(k: Kernels, qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_ca
     return fn(qkv, q_norm, k_norm, inv_freq, positions, k_cache=k_cache, v_cache=v_cache, **dims)
 
 
+def decode_qkv_attention(k: Kernels, qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, **dims):
+    """A decode step (T = 1): `qkv_rope` with the cache write, then `decode_attention` over the written cache ->
+    (o [B, Hq, D], k_cache, v_cache). With both ops as kernels this is one fused Pallas kernel."""
+    if k.qkv_rope and k.decode_attention:
+        return _dec.decode_attention_qkv(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, **dims,
+                                         interpret=k.interpret)
+    q, k_cache, v_cache = qkv_rope(k, qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, **dims)
+    return decode_attention(k, q[:, 0], k_cache, v_cache, positions[:, 0] + 1), k_cache, v_cache
+
+
 def attention(k: Kernels, q, k_cache, v_cache, q_start):
     if k.attention:
         return _attn.attention(q, k_cache, v_cache, q_start, interpret=k.interpret)

@@ -8,7 +8,11 @@ import jax.numpy as jnp
 
 from conftest import INTERPRET
 from test_attention import assert_close  # same tolerances as prefill attention
-from pallas_kernels.decode_attention import Block, decode_attention, decode_attention_reference
+from test_qkv_rope import EPS, KERNEL_TOLERANCE, make_caches, numpy_norm_rope
+from test_qkv_rope import make_inputs as make_qkv_inputs
+from test_rms_norm import assert_ulp_close, f64
+from pallas_kernels.decode_attention import (Block, decode_attention, decode_attention_qkv,
+                                             decode_attention_qkv_reference, decode_attention_reference)
 
 reference = jax.jit(decode_attention_reference)  # one compile per shape instead of op-by-op dispatch
 GARBAGE = np.array([np.nan, np.inf, -np.inf, 1e30], np.float32)
@@ -97,6 +101,99 @@ def test_bad_dtype_raises():
     q, k = jnp.ones((1, 4, 16), jnp.bfloat16), jnp.ones((1, 2, 32, 16), jnp.float32)
     with pytest.raises(ValueError, match="dtype"):
         decode_attention(q, k, k, jnp.ones((1,), jnp.int32), interpret=True)
+
+
+def check_fused(seed, B, Hq, KV, D, S, starts, dtype, block, norm_scale=1.0):
+    """decode_attention_qkv against its reference (qkv_rope_reference, then the decode reference): o within the
+    attention tolerances; the caches bit-identical except at each row's slot, where k is within the qkv_rope
+    kernel's ulp bounds and v is the projection's v exactly. Slots past each row's token hold NaN / inf garbage,
+    so a read beyond the valid keys shows."""
+    dims = dict(num_heads=Hq, num_kv_heads=KV, head_dim=D, eps=EPS)
+    qkv, q_norm, k_norm, inv_freq, positions = make_qkv_inputs(seed, B, 1, Hq, KV, D, dtype, starts=starts)
+    q_norm, k_norm = (w * (norm_scale / 100) for w in (q_norm, k_norm))  # drawn up to +-100
+    k_cache, v_cache = (f64(c) for c in make_caches(seed, B, KV, S, D, dtype))
+    beyond = np.arange(S)[None, None, :, None] > np.asarray(starts)[:, None, None, None]  # [B, 1, S, 1]
+    junk = np.resize(GARBAGE, S)[None, None, :, None]
+    k_cache, v_cache = (jnp.asarray(np.where(beyond, junk, c).astype(dtype)) for c in (k_cache, v_cache))
+    args = (qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache)
+
+    o, kc, vc = decode_attention_qkv(*args, **dims, block=block, interpret=INTERPRET)
+    ref_o, ref_kc, _ = jax.jit(lambda *a: decode_attention_qkv_reference(*a, **dims))(*args)
+    assert o.shape == (B, Hq, D) and o.dtype == dtype
+    assert_close(o, ref_o, dtype)
+
+    _, (_, k_scale, _) = numpy_norm_rope(qkv, q_norm, k_norm, inv_freq, positions, **dims)  # ulp scale of k
+    rows, slots = np.arange(B), np.asarray(starts)
+    written = np.zeros(k_cache.shape, bool)
+    written[rows, :, slots] = True
+    for got, before in ((kc, k_cache), (vc, v_cache)):
+        np.testing.assert_array_equal(f64(got)[~written], f64(before)[~written])  # untouched, garbage included
+    assert_ulp_close(f64(kc)[rows, :, slots], f64(ref_kc)[rows, :, slots], k_scale[:, 0], dtype,
+                     **KERNEL_TOLERANCE[jnp.dtype(dtype)])
+    np.testing.assert_array_equal(f64(vc)[rows, :, slots], f64(qkv)[:, 0, (Hq + KV) * D:].reshape(B, KV, D))
+
+
+# (B, Hq, KV, D, S, starts, dtype, block): a row's first token (slot 0) and the cache's last slot, S not a
+# multiple of block_k, empty splits, GQA ratios 1/2/4/8/16 (the k row takes a padding row; G=16 needs 32 rows).
+FUSED_CASES = [
+    (3, 8, 2, 64, 40, [0, 17, 39], jnp.float32, None),  # G=4, one split
+    (3, 8, 2, 64, 40, [0, 17, 39], jnp.bfloat16, Block(block_k=16, num_splits=3)),  # 3 splits, some empty
+    (2, 16, 1, 128, 64, [5, 63], jnp.float32, Block(block_k=16, num_splits=2)),  # G=16
+    (2, 4, 4, 64, 33, [32, 1], jnp.bfloat16, None),  # MHA, S=33
+    (2, 16, 8, 128, 100, [99, 50], jnp.bfloat16, Block(block_k=32, num_splits=4)),  # Qwen3-0.6B heads
+]
+
+
+@pytest.mark.parametrize("B,Hq,KV,D,S,starts,dtype,block", FUSED_CASES)
+def test_decode_attention_qkv_matches_reference(B, Hq, KV, D, S, starts, dtype, block):
+    check_fused(B * S + Hq, B, Hq, KV, D, S, starts, dtype, block)
+
+
+def test_decode_attention_qkv_large_norm_weights():
+    """k_norm / q_norm weights ~100 as in real checkpoints: the cache write stays within ulps, o stays finite."""
+    check_fused(7, 2, 8, 2, 128, 48, [47, 3], jnp.bfloat16, None, norm_scale=100.0)
+
+
+def test_decode_attention_qkv_donated_in_place():
+    """Under jit with the caches donated, the fused kernel writes into the caches' own buffers (no copy)."""
+    dims = dict(num_heads=8, num_kv_heads=2, head_dim=64, eps=EPS)
+    args = make_qkv_inputs(3, 2, 1, 8, 2, 64, jnp.bfloat16, starts=(4, 9))
+    k_cache, v_cache = make_caches(3, 2, 2, 16, 64, jnp.bfloat16)
+
+    def step(*a):
+        return decode_attention_qkv(*a, **dims, interpret=INTERPRET)
+
+    compiled = jax.jit(step, donate_argnums=(5, 6)).lower(*args, k_cache, v_cache).compile()
+    assert compiled.memory_analysis().alias_size_in_bytes == k_cache.nbytes + v_cache.nbytes
+    compiled(*args, k_cache, v_cache)
+    assert k_cache.is_deleted() and v_cache.is_deleted()
+
+
+def test_decode_attention_qkv_bad_arguments():
+    dims = dict(num_heads=8, num_kv_heads=2, head_dim=64, eps=EPS, interpret=True)
+    qkv, q_norm, k_norm, inv_freq, positions = make_qkv_inputs(0, 2, 2, 8, 2, 64, jnp.bfloat16, starts=(0, 3))
+    k_cache, v_cache = make_caches(0, 2, 2, 16, 64, jnp.bfloat16)
+    with pytest.raises(ValueError, match="one token per row"):  # two tokens
+        decode_attention_qkv(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, **dims)
+    with pytest.raises(ValueError, match="one token per row"):
+        decode_attention_qkv_reference(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache,
+                                       **{k: v for k, v in dims.items() if k != "interpret"})
+    one = (qkv[:, :1], q_norm, k_norm, inv_freq, positions[:, :1])
+    with pytest.raises(ValueError, match="k_cache must be"):
+        decode_attention_qkv(*one, k_cache[:, :1], v_cache, **dims)
+    with pytest.raises(ValueError, match="k_cache and v_cache must be given together"):
+        decode_attention_qkv(*one, k_cache, None, **dims)
+    with pytest.raises(ValueError, match="block_k must be a power of two"):
+        decode_attention_qkv(*one, k_cache, v_cache, **dims, block=Block(block_k=24))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_decode_attention_qkv_gpu(dtype):
+    """Qwen3-8B heads at real lengths: one split (B=8, 8k) and many (B=1, 32k), slot 0 and the last slot."""
+    check_fused(0, 8, 32, 8, 128, 8192, [0, 8191, 4096, 99, 8000, 2047, 8190, 512], dtype, None)
+    check_fused(1, 1, 32, 8, 128, 32768, [30000], dtype, None)
+    check_fused(2, 2, 16, 8, 128, 4096, [4095, 17], dtype, None, norm_scale=100.0)  # Qwen3-0.6B, weights ~100
 
 
 @pytest.mark.gpu
