@@ -443,6 +443,33 @@ def decode_attention_cases(quick: bool, interpret: bool):
         yield Case("decode_attention", f"B={b} S={s}, {hq}/{kv}×{d}", make, ours, dec.decode_attention_reference,
                    blocks, label, nbytes=2 * b * kv * s * d * 2 + 2 * b * hq * d * 2, metric="TB/s",
                    cudnn=(cudnn_layout, cudnn), refine=refine)
+    yield from decode_attention_qkv_cases(quick, interpret, shapes, blocks[:1 if quick else 3], label)
+
+
+def decode_attention_qkv_cases(quick: bool, interpret: bool, shapes, blocks, label):
+    """The model's decode step: the QKV epilogue fused into flash-decoding (q/k norm + RoPE, the step's k/v into the
+    donated caches, attention over the whole cache), against its reference (qkv_rope_reference + the decode
+    reference). Compare with the decode_attention and qkv_rope decode rows for what the fusion saves."""
+    hq, kv, d = (8, 2, 64) if quick else (32, 8, 128)
+    static = dict(num_heads=hq, num_kv_heads=kv, head_dim=d, eps=1e-6)
+
+    def ours(blk):
+        return lambda *a: dec.decode_attention_qkv(*a, **static, block=blk, interpret=interpret)
+
+    def reference(*a):
+        return dec.decode_attention_qkv_reference(*a, **static)
+
+    for b, s in shapes:
+        def make(key, b=b, s=s):
+            kx, kq, kk, kc, kv_ = jax.random.split(key, 5)
+            inv_freq = 1.0 / 1e6 ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2], rope_theta 1e6
+            return (_normal(kx, (b, 1, (hq + 2 * kv) * d)), _normal(kq, (d,), 0.1, 1.0), _normal(kk, (d,), 0.1, 1.0),
+                    inv_freq, jnp.full((b, 1), s - 1, jnp.int32),  # the token takes the last slot: S keys
+                    _normal(kc, (b, kv, s, d)), _normal(kv_, (b, kv, s, d)))
+
+        yield Case("decode_attention", f"fused QKV epilogue, B={b} S={s}, {hq}/{kv}×{d}", make, ours, reference,
+                   blocks, label, nbytes=2 * b * kv * s * d * 2 + 2 * b * (2 * hq + 2 * kv) * d, metric="TB/s",
+                   donate=(5, 6))
 
 
 def attention_cases(quick: bool, interpret: bool):
