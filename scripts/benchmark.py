@@ -674,7 +674,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=DECODE_CHUNK, help="JAX decode steps per device call (generate's chunk)")
     p.add_argument("--pallas-ops", type=lambda v: [o.strip() for o in v.split(",") if o.strip()],
                    help=f"jax-pallas runs only these ops as kernels, the rest as references (comma list of "
-                        f"{', '.join(PALLAS_OPS)}; default: all)")
+                        f"{', '.join(PALLAS_OPS)}; default: all; with both qkv_rope and decode_attention a decode step "
+                        f"runs them as one fused kernel)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per workload (median reported)")
     p.add_argument("--hf-cap-s", type=float, default=3.0,
                    help="HF decode: fewer new tokens when a run would take longer than this (0: never)")
