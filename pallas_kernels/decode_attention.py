@@ -164,6 +164,13 @@ def _check(q, k_cache, v_cache, lengths):
     _check_cache(batch, num_heads, head_dim, k_cache, v_cache, lengths, "lengths")
 
 
+def _check_step(qkv, k_cache):
+    """What a fused decode step takes beyond `qkv_rope`'s arguments: one token per row, and the caches."""
+    if qkv.ndim != 3 or qkv.shape[1] != 1 or k_cache is None:
+        raise ValueError(f"decode_attention_qkv takes one token per row, qkv [B, 1, (Hq + 2KV) * D], and the "
+                         f"caches; got qkv {qkv.shape}{'' if k_cache is not None else ' and no caches'}")
+
+
 def _num_splits(block: Block, batch: int, num_kv: int, kv_len: int, block_k: int) -> int:
     max_splits = pl.cdiv(kv_len, block_k)
     if block.num_splits is not None:
@@ -257,21 +264,18 @@ def decode_attention_qkv(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_ca
     Each program recomputes its group's q heads and k head from the projection (a few KB); split 0 also stores
     the new k/v and takes the new token into its softmax from registers, so no program reads the slot being
     written. The caller must keep positions[b, 0] < S. Donate the caches at the jit boundary."""
+    _check_step(qkv, k_cache)
     check_args(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, num_heads, num_kv_heads, head_dim)
-    batch, seq, _ = qkv.shape
-    if seq != 1 or k_cache is None:
-        raise ValueError(f"decode_attention_qkv takes one token per row and the caches, got qkv {qkv.shape}"
-                         f"{'' if k_cache is not None else ' and no caches'}")
-    if head_dim < 16 or head_dim != _next_pow2(head_dim):
-        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    batch = qkv.shape[0]
+    heads = num_heads + 2 * num_kv_heads
+    qkv3 = qkv.reshape(batch, heads, head_dim)  # [B, Hq + 2KV, D] (free view)
+    _check_kernel_operands(qkv3, k_cache)
     block = block or Block()
     kv_len = k_cache.shape[2]
     groups = num_heads // num_kv_heads
     rows, block_k, splits, chunk = _tiling(block, batch, num_kv_heads, kv_len, groups + 1)  # + the k row
     kernel = functools.partial(_decode_qkv_kernel, groups=groups, rows=rows, block_k=block_k, chunk=chunk,
                                scale=head_dim**-0.5, eps=float(eps), num_heads=num_heads, num_kv_heads=num_kv_heads)
-    heads = num_heads + 2 * num_kv_heads
-    qkv3 = qkv.reshape(batch, heads, head_dim)  # [B, Hq + 2KV, D] (free view)
     vec_spec = pl.BlockSpec((head_dim,), lambda b, h, s: (0,))
     kv_spec = pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, s: (b, h, 0, 0))
     out_specs, out_shape = _outputs(batch, num_kv_heads, splits, groups, head_dim, qkv.dtype)
@@ -306,8 +310,7 @@ def decode_attention_reference(q, k_cache, v_cache, lengths):
 
 def decode_attention_qkv_reference(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, **dims):
     """Pure-jnp twin of `decode_attention_qkv`: `qkv_rope_reference` with the caches, then the decode reference."""
-    if qkv.ndim != 3 or qkv.shape[1] != 1:
-        raise ValueError(f"decode_attention_qkv takes one token per row, qkv [B, 1, (Hq + 2KV) * D], got {qkv.shape}")
+    _check_step(qkv, k_cache)
     q, k_cache, v_cache = qkv_rope_reference(qkv, q_norm, k_norm, inv_freq, positions, k_cache=k_cache,
                                              v_cache=v_cache, **dims)
     return decode_attention_reference(q[:, 0], k_cache, v_cache, positions[:, 0] + 1), k_cache, v_cache
