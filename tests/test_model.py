@@ -188,25 +188,34 @@ def test_real_shape_kernels_stay_finite_and_track_reference_on_gpu():
     ids = jnp.asarray(np.random.default_rng(5).integers(0, 151936, (2, 300)))
     pos = jnp.broadcast_to(jnp.arange(300, dtype=jnp.int32), (2, 300))
 
-    def step(cfg, kernels):
-        return jax.jit(lambda p: q.forward(p, ids, pos, q.KVCache.init(cfg, 2, 320), config=cfg, kernels=kernels,
-                                           return_hidden=True))
+    def step(cfg, kernels):  # the prompt, then one decode step from its cache (the decode kernels at batch 2)
+        def run(p):
+            prefill = q.forward(p, ids, pos, q.KVCache.init(cfg, 2, 320), config=cfg, kernels=kernels,
+                                return_hidden=True)
+            decode = q.forward(p, ids[:, :1], jnp.full((2, 1), 300, jnp.int32), prefill[1], config=cfg,
+                               kernels=kernels, return_hidden=True)
+            return prefill[0], prefill[2], decode[0], decode[2]
+        return jax.jit(run)
 
     ref, kern = step(config, q.Kernels.reference()), step(config, q.Kernels.pallas(interpret=False))
     exact = step(f32_config, q.Kernels.reference())
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
 
-    (r_logits, _, r_hidden), (k_logits, _, k_hidden) = ref(params), kern(params)
-    for i, (a, b) in enumerate(zip(k_hidden, r_hidden)):
-        assert rel(f32(a), f32(b)) <= 2e-2, f"norm weights ~1, after step {i}: {rel(f32(a), f32(b)):.3g}"
-    assert rel(k_logits, r_logits) <= 2e-2
+    r_out, k_out = ref(params), kern(params)
+    for phase, (r_logits, r_hidden, k_logits, k_hidden) in (("prefill", r_out[:2] + k_out[:2]),
+                                                           ("decode", r_out[2:] + k_out[2:])):
+        for i, (a, b) in enumerate(zip(k_hidden, r_hidden)):
+            assert rel(f32(a), f32(b)) <= 2e-2, f"{phase}, norm weights ~1, after step {i}: {rel(f32(a), f32(b)):.3g}"
+        assert rel(k_logits, r_logits) <= 2e-2, phase
 
-    (_, _, r_hidden), (_, _, k_hidden) = ref(big), kern(big)
-    _, _, e_hidden = exact(jax.tree.map(lambda a: a.astype(jnp.float32), big))
-    for i, (a, b, e) in enumerate(zip(k_hidden, r_hidden, e_hidden)):
-        assert bool(jnp.isfinite(a.astype(jnp.float32)).all()), f"non-finite after step {i}"
-        ours, theirs = rel(f32(a), f32(e)), rel(f32(b), f32(e))
-        assert ours <= 1.5 * theirs + 2e-2, f"norm weights ~100, after step {i}: {ours:.3g} from f32 vs {theirs:.3g}"
+    r_out, k_out = ref(big), kern(big)
+    e_out = exact(jax.tree.map(lambda a: a.astype(jnp.float32), big))
+    for phase, j in (("prefill", 1), ("decode", 3)):
+        for i, (a, b, e) in enumerate(zip(k_out[j], r_out[j], e_out[j])):
+            assert bool(jnp.isfinite(a.astype(jnp.float32)).all()), f"{phase}: non-finite after step {i}"
+            ours, theirs = rel(f32(a), f32(e)), rel(f32(b), f32(e))
+            assert ours <= 1.5 * theirs + 2e-2, (f"{phase}, norm weights ~100, after step {i}: {ours:.3g} from f32 "
+                                                 f"vs {theirs:.3g}")
 
 
 def test_eager_forward_refuses_positions_past_the_cache():
