@@ -13,7 +13,7 @@ f32 and is rounded once to the activation dtype, as a torch bf16 Linear.
 
 A matrix-vector product, not a matrix product: each program owns `block_n` output features and reads their
 weight rows whole, in `block_k`-wide chunks unrolled in straight-line code, so every load of the program is in
-flight at once (no loop, no pipeline, no shared memory). The weight loads are issued first; the program then
+flight at once (no loop, no pipeline, no shared memory); with one-warp-wide chunks each warp sums its own rows. The weight loads are issued first; the program then
 sums its row's input (+ residual), takes the norm statistics and multiplies on the CUDA cores (products of
 16-bit values are exact in f32). Programs of the first output tile also write the residual sum, which the
 next layer needs. Rows are unrolled too (at most `MAX_ROW_TILE` per program); every row tile re-reads the
@@ -41,19 +41,25 @@ class LinearBlock:
     """Tiling: `block_n` output features per program and `block_k`-wide input chunks (powers of two)."""
 
     block_n: int = 8
-    block_k: int = 1024
+    block_k: int = 256
     num_warps: int = 4
 
 
-def default_block(n_out: int, k: int, swiglu: bool = False) -> LinearBlock:
-    """A tiling for the H100/H200 (see BENCHMARKS.md): ~8K weight elements per program (16 KB in bf16, 32 f32
-    registers per thread at 4 warps), so several programs share an SM and all their loads are in flight."""
-    block_k = min(1024, pl.next_power_of_2(k))
-    span = pl.cdiv(k, block_k) * block_k * (2 if swiglu else 1)  # weight elements per output feature
+def default_block(n_out: int, k: int, swiglu: bool = False, itemsize: int = 2) -> LinearBlock:
+    """A tiling for the H100/H200 (see BENCHMARKS.md).
+
+    Chunks one warp wide (32 lanes x 16 bytes: 256 bf16 values), so Triton lays a [block_n, block_k] tile out
+    with each warp on whole weight rows and the sum over K stays inside the warp (shuffles, no shared memory or
+    barrier) wherever there is a warp per row or more. block_n: as many rows per program as leave at least 512
+    programs (about four per SM), at most 16, and at most 16K weight values per program; warps: one per row,
+    up to 4, and enough that a lane holds at most 128 weight values (64 registers)."""
+    block_k = min(32 * 16 // itemsize, pl.next_power_of_2(k))
+    span = pl.cdiv(k, block_k) * block_k * (2 if swiglu else 1)  # weight values per output feature
     block_n = 1
-    while block_n < 16 and 2 * block_n * span <= 8192 and 2 * block_n <= pl.next_power_of_2(n_out):
+    while block_n < 16 and n_out // (2 * block_n) >= 512 and 2 * block_n * span <= 16384:
         block_n *= 2
-    return LinearBlock(block_n=block_n, block_k=block_k)
+    lanes_needed = pl.next_power_of_2(pl.cdiv(block_n * span, 32 * 128))
+    return LinearBlock(block_n=block_n, block_k=block_k, num_warps=min(4, max(block_n, lanes_needed)))
 
 
 def _linear_kernel(*refs, rows, row_tile, k_dim, n_out, block_k, block_n, eps, has_norm, has_residual, swiglu):
@@ -152,7 +158,7 @@ def linear(x, w, *, norm_weight=None, residual=None, eps=None, swiglu=False, blo
     if rows == 0:
         y = jnp.zeros((*lead, n_out), x.dtype)
         return (y, x) if residual is not None else y
-    block = block or default_block(n_out, k, swiglu)
+    block = block or default_block(n_out, k, swiglu, jnp.dtype(x.dtype).itemsize)
     block_k = min(block.block_k, pl.next_power_of_2(k))
     row_tile = min(rows, MAX_ROW_TILE)
     has_norm, has_residual = norm_weight is not None, residual is not None

@@ -389,14 +389,16 @@ def linear_cases(quick: bool, interpret: bool):
                                                    ("o_proj", q_size, hidden, False, False),
                                                    ("gate_up", hidden, 2 * inter, True, True),
                                                    ("down", inter, hidden, False, False))]
-        shapes += [("0.6B qkv", 8, 1024, 4096, True, False), ("0.6B gate_up", 8, 1024, 6144, True, True)]
+        shapes += [("0.6B qkv", 2, 1024, 4096, True, False), ("0.6B gate_up", 2, 1024, 6144, True, True)]
 
     for name, rows, k, n, norm, swiglu in shapes:
         n_out = n // 2 if swiglu else n
         default = lin.default_block(n_out, k, swiglu)
-        blocks = [default] if quick else [default, *(dataclasses.replace(default, num_warps=w) for w in (2, 8)),
-                                          dataclasses.replace(default, block_n=max(1, default.block_n // 2)),
-                                          dataclasses.replace(default, block_n=2 * default.block_n)]
+        blocks = [default] if quick else [
+            default, *(dataclasses.replace(default, block_n=bn, num_warps=min(4, bn))
+                       for bn in (max(1, default.block_n // 2), 2 * default.block_n)),
+            *(dataclasses.replace(default, block_k=bk) for bk in (512, 1024)),
+            dataclasses.replace(default, num_warps=2 * default.num_warps)]
         kw = dict(eps=eps, swiglu=swiglu)
 
         def label(b, default=default):

@@ -22,8 +22,8 @@ def make_inputs(seed, rows, k, n, dtype):
 
 def assert_close(out, ref, dtype, max_ulps=2):
     """bf16: within `max_ulps` of the reference everywhere, mostly exact. Both sides sum in f32, in different
-    orders, so a rounding may move (by one ulp, and a moved rounding of a SwiGLU gate or up moves the product by
-    about two); near-zero outputs are judged against a floor of 2^-7 of the outputs' RMS, below which the f32
+    orders, so a rounding may move (by one ulp; through SwiGLU more: silu(g) moves by up to |g| times g's relative
+    change for negative g, and gate, silu and up may each move, 4 ulps seen at Qwen3-8B's gate_up); near-zero outputs are judged against a floor of 2^-7 of the outputs' RMS, below which the f32
     sums' own error (about 2^-24 sqrt(K) RMS) could decide a rounding. f32: relative to the outputs' RMS."""
     a, e = f64(out), f64(ref)
     assert a.shape == e.shape
@@ -52,7 +52,7 @@ def check(rows, k, n, dtype, *, norm, residual, swiglu, block, seed=0, lead=None
         (got, got_sum), (want, want_sum) = got, want
         np.testing.assert_array_equal(f64(got_sum), f64(want_sum))  # one rounding: bit-exact
     assert got.dtype == x.dtype and got.shape == (*x.shape[:-1], n // 2 if swiglu else n)
-    assert_close(got, want, dtype, max_ulps=3 if swiglu else 2)
+    assert_close(got, want, dtype, max_ulps=5 if swiglu else 2)
 
 
 @pytest.mark.parametrize(
@@ -108,13 +108,16 @@ def test_bad_arguments():
 
 
 def test_default_block_is_sane():
-    for n, k, swiglu in ((1024, 2048, False), (4096, 1024, False), (3072, 1024, True), (1024, 3072, False),
-                         (12288, 4096, True), (4096, 12288, False), (151936, 1024, False), (8, 16, False)):
-        b = default_block(n, k, swiglu)
-        assert 1 <= b.block_n <= 16 and b.block_n & (b.block_n - 1) == 0
-        assert b.block_k == min(1024, 1 << (k - 1).bit_length())  # the input's power of two, up to 1024
-        span = -(-k // b.block_k) * b.block_k * (2 if swiglu else 1)
-        assert b.block_n == 1 or b.block_n * span <= 8192  # ~16 KB of bf16 weight per program
+    for n, k, itemsize in ((1024, 2048, 2), (4096, 1024, 2), (3072, 1024, 2), (1024, 3072, 4), (12288, 4096, 2),
+                           (4096, 12288, 2), (151936, 1024, 2), (8, 16, 4)):
+        for swiglu in (False, True):
+            b = default_block(n, k, swiglu, itemsize)
+            for v in (b.block_n, b.block_k, b.num_warps):
+                assert v >= 1 and v & (v - 1) == 0
+            assert b.block_k == min(512 // itemsize, 1 << (k - 1).bit_length())  # one warp of 16-byte loads
+            assert b.block_n <= 16 and (n // b.block_n >= 512 or b.block_n == 1)
+            per_lane = b.block_n * -(-k // b.block_k) * b.block_k * (1 + swiglu) / (32 * b.num_warps)
+            assert per_lane <= 128 or b.num_warps == 4  # registers: at most 64 per lane for the weight
 
 
 @pytest.mark.gpu
