@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import attention as _attn
 from pallas_kernels import decode_attention as _dec
-from pallas_kernels import linear as _lin
 from pallas_kernels import qkv_rope as _qkv
 from pallas_kernels import rms_norm as _rms
-
-
-# Rows up to which `dense` runs the fused matrix-vector kernel: every row tile of the kernel re-reads the weight,
-# where a matmul reads it once (BENCHMARKS.md, "Fused linear").
-LINEAR_MAX_ROWS = _lin.MAX_ROW_TILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +22,6 @@ class Kernels:
     qkv_rope: bool = False
     attention: bool = False
     decode_attention: bool = False
-    linear: bool = False
     interpret: bool = False
 
     @classmethod
@@ -40,8 +32,7 @@ class Kernels:
     def pallas(cls, interpret: bool | None = None) -> "Kernels":
         if interpret is None:
             interpret = jax.default_backend() != "gpu"
-        return cls(rms_norm=True, qkv_rope=True, attention=True, decode_attention=True, linear=True,
-                   interpret=interpret)
+        return cls(rms_norm=True, qkv_rope=True, attention=True, decode_attention=True, interpret=interpret)
 
     @classmethod
     def resolve(cls, choice: "str | Kernels | None") -> "Kernels":
@@ -59,7 +50,7 @@ class Kernels:
 
     @property
     def name(self) -> str:
-        flags = (self.rms_norm, self.qkv_rope, self.attention, self.decode_attention, self.linear)
+        flags = (self.rms_norm, self.qkv_rope, self.attention, self.decode_attention)
         base = "pallas" if all(flags) else "reference" if not any(flags) else "mixed"
         return base + (" (interpret)" if self.interpret and any(flags) else "")
 
@@ -79,15 +70,11 @@ def rms_norm(k: Kernels, x, weight, eps, residual=None):
 
 
 def dense(k: Kernels, x, w, *, norm_weight=None, residual=None, eps=None, swiglu=False):
-    """A linear layer act(norm(x [+ residual]) @ w.T): the RMSNorm (optional; with `residual` the call returns
-    (y, residual + x)), the matmul, and SwiGLU (silu(gate) * up over w = [gate; up]) as torch rounds it.
+    """A linear layer act(norm(x [+ residual]) @ w.T): the RMSNorm op (optional; with `residual` the call returns
+    (y, residual + x)), an XLA matmul, and SwiGLU (silu(gate) * up over w = [gate; up]) as torch rounds it.
 
-    Steps of at most `LINEAR_MAX_ROWS` rows (decode) run it as one fused matrix-vector kernel when `linear` is a
-    kernel; longer ones as the RMSNorm op, an XLA matmul and an XLA SwiGLU."""
-    rows = math.prod(x.shape[:-1])
-    if k.linear and rows <= LINEAR_MAX_ROWS:
-        return _lin.linear(x, w, norm_weight=norm_weight, residual=residual, eps=eps, swiglu=swiglu,
-                           interpret=k.interpret)
+    The matmul stays with XLA: a fused Pallas RMSNorm + matrix-vector kernel (Triton lowering) measured slower
+    than XLA's own matrix-vector kernels at decode (BENCHMARKS.md)."""
     summed = None
     if norm_weight is not None:
         x = rms_norm(k, x, norm_weight, eps, residual=residual)

@@ -46,13 +46,11 @@ from jax import lax  # noqa: E402
 
 from pallas_kernels import attention as attn  # noqa: E402
 from pallas_kernels import decode_attention as dec  # noqa: E402
-from pallas_kernels import linear as lin  # noqa: E402
 from pallas_kernels import qkv_rope as qr  # noqa: E402
 from pallas_kernels import rms_norm as rn  # noqa: E402
 
-KERNELS = ("rms_norm", "linear", "qkv_rope", "decode_attention", "attention")  # table order
-# the time budget cuts the last sweeps first
-RUN_ORDER = ("rms_norm", "linear", "qkv_rope", "attention", "decode_attention")
+KERNELS = ("rms_norm", "qkv_rope", "decode_attention", "attention")  # table order
+RUN_ORDER = ("rms_norm", "qkv_rope", "attention", "decode_attention")  # the time budget cuts the last sweeps first
 TOLERANCE = 1e-2  # relative error of a bf16 output against its reference
 ROTATE_BYTES = 100e6  # rotate input sets until a round of calls touches twice the 50 MB L2
 NUM_SMS = 132  # H100 SXM and H200: the decode sweep aims its split counts at them
@@ -375,55 +373,6 @@ def rms_norm_cases(quick: bool, interpret: bool):
                    blocks, label, nbytes)
 
 
-def linear_cases(quick: bool, interpret: bool):
-    """The decode step's four projections at Qwen3-0.6B and 8B sizes: (fused RMSNorm + residual +) matrix-vector
-    product (+ SwiGLU), against the same ops in XLA (the reference under jit)."""
-    eps = 1e-6
-    # (label, rows, K, weight rows N, norm + residual, swiglu): a layer's qkv, o_proj, gate_up and down
-    shapes = [("qkv", 2, 64, 96, True, False), ("gate_up", 1, 64, 128, True, True), ("down", 3, 96, 32, False, False)]
-    if not quick:
-        shapes = [(f"{size} {name}", 1, k, n, norm, swiglu)
-                  for size, hidden, q_size, kv_size, inter in (("0.6B", 1024, 2048, 1024, 3072),
-                                                               ("8B", 4096, 4096, 1024, 12288))
-                  for name, k, n, norm, swiglu in (("qkv", hidden, q_size + 2 * kv_size, True, False),
-                                                   ("o_proj", q_size, hidden, False, False),
-                                                   ("gate_up", hidden, 2 * inter, True, True),
-                                                   ("down", inter, hidden, False, False))]
-        shapes += [("0.6B qkv", 2, 1024, 4096, True, False), ("0.6B gate_up", 2, 1024, 6144, True, True)]
-
-    for name, rows, k, n, norm, swiglu in shapes:
-        n_out = n // 2 if swiglu else n
-        default = lin.default_block(n_out, k, swiglu)
-        blocks = [default] if quick else [
-            default, *(dataclasses.replace(default, block_n=bn, num_warps=min(4, bn))
-                       for bn in (max(1, default.block_n // 2), 2 * default.block_n)),
-            *(dataclasses.replace(default, block_k=bk) for bk in (512, 1024)),
-            dataclasses.replace(default, num_warps=2 * default.num_warps)]
-        kw = dict(eps=eps, swiglu=swiglu)
-
-        def label(b, default=default):
-            return f"bn={b.block_n} bk={b.block_k} w={b.num_warps}" + (" (default)" if b == default else "")
-
-        def ours(blk, kw=kw, norm=norm):
-            if norm:
-                return lambda x, w, nw, r: lin.linear(x, w, norm_weight=nw, residual=r, **kw, block=blk,
-                                                      interpret=interpret)
-            return lambda x, w: lin.linear(x, w, **kw, block=blk, interpret=interpret)
-
-        def reference(x, w, *a, kw=kw):
-            return lin.linear_reference(x, w, **(dict(norm_weight=a[0], residual=a[1]) if a else {}), **kw)
-
-        def make(key, rows=rows, k=k, n=n, norm=norm):
-            kx, kw_, kn, kr = jax.random.split(key, 4)
-            x, w = _normal(kx, (rows, k)), _normal(kw_, (n, k), k ** -0.5)
-            return (x, w, _normal(kn, (k,), 0.1, 1.0), _normal(kr, (rows, k))) if norm else (x, w)
-
-        # the weight once, the inputs (+ residual) read, the output (+ residual sum) written
-        nbytes = 2 * (n * k + rows * k * (3 if norm else 1) + rows * n_out)
-        shape = f"{name}: B={rows}, {k}→{n}" + (" + norm" if norm else "") + (" + SwiGLU" if swiglu else "")
-        yield Case("linear", shape, make, ours, reference, blocks, label, nbytes)
-
-
 def qkv_rope_cases(quick: bool, interpret: bool):
     hq, kv, d, s = (4, 2, 32, 64) if quick else (32, 8, 128, 4096)  # s: cache slots
     shapes = [(2, 1), (1, 16)] if quick else [(1, 1), (8, 1), (64, 1), (1, 2048)]
@@ -561,7 +510,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-CASES = {"rms_norm": rms_norm_cases, "linear": linear_cases, "qkv_rope": qkv_rope_cases, "decode_attention": decode_attention_cases,
+CASES = {"rms_norm": rms_norm_cases, "qkv_rope": qkv_rope_cases, "decode_attention": decode_attention_cases,
          "attention": attention_cases}
 
 

@@ -14,7 +14,6 @@ from jax._src.pallas.triton import gpu_info  # private: jax is pinned (requireme
 
 from pallas_kernels.attention import attention
 from pallas_kernels.decode_attention import Block, decode_attention, decode_attention_qkv
-from pallas_kernels.linear import linear
 from pallas_kernels.qkv_rope import qkv_rope
 from pallas_kernels.rms_norm import rms_norm
 
@@ -65,11 +64,3 @@ def test_decode_attention_lowers(batch, hq, block, dtype):
            S((batch,), jnp.int32))
     fn = functools.partial(decode_attention_qkv, num_heads=hq, num_kv_heads=8, head_dim=128, eps=1e-6, block=block)
     lowers(fn, *qkv_avals(batch, 1, hq, 8, 128, 8192, dtype))
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("rows,k,n", [(1, 1024, 4096), (8, 2560, 19456), (11, 9728, 2560)])  # 0.6B; 4B (ragged K)
-def test_linear_lowers(rows, k, n, dtype):
-    x, w, nw = S((rows, k), dtype), S((n, k), dtype), S((k,), dtype)
-    lowers(linear, x, w)
-    lowers(lambda x, w, nw, r: linear(x, w, norm_weight=nw, residual=r, eps=1e-6, swiglu=True), x, w, nw, x)
