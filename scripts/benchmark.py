@@ -6,7 +6,7 @@
     python scripts/benchmark.py --config path/to/config.json --quick --no-append
     python scripts/benchmark.py --from-json run1.json run2.json         # render saved runs and append them
 
-All four engines at the default workloads take about 12 minutes for 0.6B and 15 for 8B on an H100 (hf-compile
+All four engines at the default workloads take about 11 minutes for 0.6B and 16 for 8B on an H100 (hf-compile
 compiles once per batch size and prompt length, ~1 min each; the JAX engines compile ~20 s per workload). Where one
 call may last at most 10 minutes, split it by engine and merge the two JSONs into one table:
     python scripts/benchmark.py --model 8B --engines jax-pallas,jax-xla,hf-eager --json a.json --no-append
