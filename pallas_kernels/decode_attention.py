@@ -26,8 +26,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.attention import (_LOG2E, _MASK, _MIN_ROWS, _check_cache, _check_kernel_operands, _dot,
                                       _next_pow2, _softmax_init, _softmax_step, attention_reference)
-from pallas_kernels.qkv_rope import _rope_combine, check_args, qkv_rope_reference
-from pallas_kernels.rms_norm import round_f32
+from pallas_kernels.qkv_rope import _rope_combine, _rope_tables, check_args, qkv_rope_reference
+from pallas_kernels.rms_norm import weight_normalized
 
 _NUM_SMS = 132  # H100 SXM and H200
 
@@ -130,13 +130,12 @@ def _decode_qkv_kernel(pos_ref, inv_freq_ref, q_norm_ref, k_norm_ref, qkv_ref, k
     # the heads loaded at the swapped columns gives the swapped n exactly, with no shuffle across lanes.
     (x, w), (x_sw, w_sw) = heads_at(d), heads_at((d + half) % head_dim)
     inv_rms = lax.rsqrt(jnp.sum(x * x, axis=1) / head_dim + eps)[:, None]
-    n = round_f32(w * round_f32(x * inv_rms, dtype), dtype)  # HF order: cast, then weight * xn
-    n_sw = round_f32(w_sw * round_f32(x_sw * inv_rms, dtype), dtype)
+    n = weight_normalized(x, inv_rms, w, dtype)
+    n_sw = weight_normalized(x_sw, inv_rms, w_sw, dtype)
     rotated = jnp.where((d < half)[None, :], -n_sw, n_sw)
     freqs = pos.astype(jnp.float32) * inv_freq_ref[...]  # [D]
-    cos = round_f32(jnp.cos(freqs), dtype)[None, :]
-    sin = round_f32(jnp.sin(freqs), dtype)[None, :]
-    y = _rope_combine(n, cos, rotated, sin, dtype)  # [rows, D]: RoPE'd q heads, and row G the RoPE'd k
+    cos, sin = _rope_tables(freqs, dtype)
+    y = _rope_combine(n, cos[None, :], rotated, sin[None, :], dtype)  # [rows, D]: RoPE'd q heads, and row G the RoPE'd k
     k_new = jnp.sum(jnp.where(is_k, y, 0.0), axis=0)  # [D]
     v_new = qkv_ref[pl.ds(num_heads + num_kv_heads + g, 1), :]  # [1, D]
 

@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.rms_norm import _FLOAT_DTYPES, rms_norm_reference, round_f32
+from pallas_kernels.rms_norm import _FLOAT_DTYPES, rms_norm_reference, round_f32, weight_normalized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,11 @@ class QkvRopeBlock:
     block_tokens: int = 32
     num_warps: int = 4
     num_stages: int = 1
+
+
+def _rope_tables(freqs, dtype):
+    """cos and sin of the f32 angles, rounded to the activation dtype (HF computes them in f32, then casts)."""
+    return round_f32(jnp.cos(freqs), dtype), round_f32(jnp.sin(freqs), dtype)
 
 
 def _rope_combine(a, cos, b, sin, dtype):
@@ -63,8 +68,7 @@ def _qkv_rope_kernel(
     # RoPE tables: emb = concat(freqs, freqs), so both halves of a head share one [bt, D/2] cos / sin.
     pos = plgpu.load(pos_ref.at[b, rows], mask=row_ok, other=0).astype(jnp.float32)  # [bt]
     freqs = pos[:, None] * inv_freq_ref[...][None, :]  # [bt, D/2] f32
-    cos = round_f32(jnp.cos(freqs), dtype)
-    sin = round_f32(jnp.sin(freqs), dtype)
+    cos, sin = _rope_tables(freqs, dtype)
 
     # Where this program's rows go, as the leading indices of one indexer (Triton takes a single indexer).
     q_lead = (b, rows)  # [bt, Hq * D] of q [B, T, Hq * D]
@@ -86,8 +90,8 @@ def _qkv_rope_kernel(
         inv_rms = lax.rsqrt(var + eps)[:, None]
         w1 = w_ref[pl.ds(0, half)].astype(jnp.float32)[None, :]
         w2 = w_ref[pl.ds(half, half)].astype(jnp.float32)[None, :]
-        n1 = round_f32(w1 * round_f32(x1 * inv_rms, dtype), dtype)  # HF order: cast, then weight * xn
-        n2 = round_f32(w2 * round_f32(x2 * inv_rms, dtype), dtype)
+        n1 = weight_normalized(x1, inv_rms, w1, dtype)
+        n2 = weight_normalized(x2, inv_rms, w2, dtype)
         o1 = _rope_combine(n1, cos, -n2, sin, dtype)  # x * cos + rotate_half(x) * sin
         o2 = _rope_combine(n2, cos, n1, sin, dtype)
         plgpu.store(dst_ref.at[(*dst_lead, pl.ds(dst_col, half))], o1.astype(dtype), mask=dst_mask)
@@ -207,7 +211,7 @@ def rope_reference(x, positions, inv_freq):
     """HF `apply_rotary_pos_emb` for one tensor: x [B, T, heads, D], positions [B, T], inv_freq [D/2] f32."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, D]
-    cos, sin = round_f32(jnp.cos(emb), x.dtype), round_f32(jnp.sin(emb), x.dtype)
+    cos, sin = _rope_tables(emb, x.dtype)
     xf, half = x.astype(jnp.float32), x.shape[-1] // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
     return _rope_combine(xf, cos, rotated, sin, x.dtype).astype(x.dtype)  # x * cos + rotated * sin

@@ -53,6 +53,12 @@ def round_f32(x, dtype):
     return jnp.where(x != x, x, lax.bitcast_convert_type(bits, jnp.float32))  # NaN stays NaN
 
 
+def weight_normalized(x, inv_rms, weight, dtype):
+    """The tail of HF's RMSNorm on f32 values: x * inv_rms rounded to `dtype` first, then times the weight and
+    rounded again (a product in the activation dtype; a 16-bit product is exact in f32)."""
+    return round_f32(weight * round_f32(x * inv_rms, dtype), dtype)
+
+
 def _rms_norm_kernel(*refs, eps, rows, hidden, block_rows, hidden_pad, has_residual):
     # refs: x, weight, [residual], out, [sum]. Whole-array refs; this program owns rows
     # [i * block_rows, (i + 1) * block_rows) and every column, masked to the real shape.
@@ -77,8 +83,7 @@ def _rms_norm_kernel(*refs, eps, rows, hidden, block_rows, hidden_pad, has_resid
         xf = round_f32(rf + xf, dtype)  # residual + x in the activation dtype
         plgpu.store(s_ref.at[tile], xf.astype(dtype), mask=mask)
     var = jnp.sum(xf * xf, axis=1) / hidden  # [R]; padded columns are 0
-    xn = round_f32(xf * lax.rsqrt(var + eps)[:, None], dtype)  # HF: cast to the activation dtype first,
-    out = round_f32(w[None, :] * xn, dtype)  # then weight * xn (a 16-bit product is exact in f32)
+    out = weight_normalized(xf, lax.rsqrt(var + eps)[:, None], w[None, :], dtype)
     plgpu.store(o_ref.at[tile], out.astype(dtype), mask=mask)
 
 
@@ -145,6 +150,6 @@ def rms_norm_reference(x, weight, *, eps, residual=None):
     xf = x.astype(jnp.float32)
     if residual is not None:
         xf = round_f32(residual.astype(jnp.float32) + xf, dtype)  # residual + x in dtype
-    xn = round_f32(xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps), dtype)  # cast first,
-    out = round_f32(weight.astype(jnp.float32) * xn, dtype).astype(dtype)  # then weight * xn in dtype
+    inv_rms = lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    out = weight_normalized(xf, inv_rms, weight.astype(jnp.float32), dtype).astype(dtype)
     return (out, xf.astype(dtype)) if residual is not None else out

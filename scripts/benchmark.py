@@ -5,6 +5,7 @@
     python scripts/benchmark.py --model 8B --skip-compile --time-budget 480
     python scripts/benchmark.py --config path/to/config.json --quick --no-append
     python scripts/benchmark.py --from-json run1.json run2.json         # render saved runs and append them
+    python scripts/benchmark.py --engines jax-pallas --batches 1 --prefill "" --profile trace   # where time goes
 
 All four engines at the default workloads take about 11 minutes for 0.6B and 16 for 8B on an H100 (hf-compile
 compiles once per batch size and prompt length, ~1 min each; the JAX engines compile ~20 s per workload). Where one
@@ -12,7 +13,6 @@ call may last at most 10 minutes, split it by engine and merge the two JSONs int
     python scripts/benchmark.py --model 8B --engines jax-pallas,jax-xla,hf-eager --json a.json --no-append
     python scripts/benchmark.py --model 8B --engines hf-compile --json b.json --no-append
     python scripts/benchmark.py --from-json a.json b.json
-    python scripts/benchmark.py --engines jax-pallas --batches 1 --prefill "" --profile trace   # where time goes
 
 Engines, side by side on the same weights (HF's parameters are zero-copy DLPack views of the JAX arrays):
 jax-pallas (this project, Pallas kernels), jax-xla (this project, the jnp reference ops), hf-eager

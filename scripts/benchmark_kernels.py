@@ -344,6 +344,10 @@ def _normal(key, shape, scale=1.0, offset=0.0):
     return (offset + scale * jax.random.normal(key, shape, jnp.float32)).astype(BF16)
 
 
+def _inv_freq(d):
+    return 1.0 / 1e6 ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2], RoPE at Qwen3's rope_theta 1e6
+
+
 def rms_norm_cases(quick: bool, interpret: bool):
     n, h = (64, 256) if quick else (8192, 4096)
     eps = 1e-6
@@ -392,11 +396,10 @@ def qkv_rope_cases(quick: bool, interpret: bool):
         def make(key, b=b, t=t):
             kx, kq, kk, kp = jax.random.split(key, 4)
             qkv = _normal(kx, (b, t, (hq + 2 * kv) * d))  # [B, T, (Hq + 2KV) * D], the projection
-            inv_freq = 1.0 / 1e6 ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2], rope_theta 1e6
             start = jax.random.randint(kp, (b, 1), 0, s - t + 1)  # each row continues at its own position
             # Zero caches [B, KV, S, D] (as a fresh cache): the check's relative error sees the written slots alone.
             k_cache, v_cache = jnp.zeros((b, kv, s, d), BF16), jnp.zeros((b, kv, s, d), BF16)
-            return (qkv, _normal(kq, (d,), 0.1, 1.0), _normal(kk, (d,), 0.1, 1.0), inv_freq,
+            return (qkv, _normal(kq, (d,), 0.1, 1.0), _normal(kk, (d,), 0.1, 1.0), _inv_freq(d),
                     (start + jnp.arange(t)).astype(jnp.int32), k_cache, v_cache)
 
         if quick:
@@ -462,9 +465,8 @@ def decode_attention_qkv_cases(quick: bool, interpret: bool, shapes, blocks, lab
     for b, s in shapes:
         def make(key, b=b, s=s):
             kx, kq, kk, kc, kv_ = jax.random.split(key, 5)
-            inv_freq = 1.0 / 1e6 ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2], rope_theta 1e6
             return (_normal(kx, (b, 1, (hq + 2 * kv) * d)), _normal(kq, (d,), 0.1, 1.0), _normal(kk, (d,), 0.1, 1.0),
-                    inv_freq, jnp.full((b, 1), s - 1, jnp.int32),  # the token takes the last slot: S keys
+                    _inv_freq(d), jnp.full((b, 1), s - 1, jnp.int32),  # the token takes the last slot: S keys
                     _normal(kc, (b, kv, s, d)), _normal(kv_, (b, kv, s, d)))
 
         yield Case("decode_attention", f"fused QKV epilogue, B={b} S={s}, {hq}/{kv}×{d}", make, ours, reference,
