@@ -30,11 +30,16 @@ from pallas_kernels.qkv_rope import _rope_combine, _rope_tables, check_args, qkv
 from pallas_kernels.rms_norm import weight_normalized
 
 _NUM_SMS = 132  # H100 SXM and H200
+# Auto splits: enough for ~2 programs per SM, each with >= 4 key tiles; but a short cache still gets up to
+# 6 one-tile splits (0.6B batch 1, 384 slots: 6 splits ran 5% faster end to end than 2; at 1280 slots, 20
+# one-tile splits ran 3% slower than 5 four-tile ones: the combine grows with the splits). BENCHMARKS.md.
+_MIN_TILES_PER_SPLIT = 4
+_SHORT_CACHE_SPLITS = 6
 
 
 @dataclasses.dataclass(frozen=True)
 class Block:
-    """Tile sizes. num_splits=None picks enough splits for about two programs per SM."""
+    """Tile sizes. num_splits=None picks enough splits for about two programs per SM (see `_num_splits`)."""
 
     block_k: int = 64
     num_splits: int | None = None
@@ -175,7 +180,8 @@ def _num_splits(block: Block, batch: int, num_kv: int, kv_len: int, block_k: int
     if block.num_splits is not None:
         return max(1, min(block.num_splits, max_splits))
     want = pl.cdiv(2 * _NUM_SMS, batch * num_kv)  # about two programs per SM
-    return max(1, min(want, pl.cdiv(kv_len, 4 * block_k)))  # but at least 4 tiles per split
+    most = max(pl.cdiv(max_splits, _MIN_TILES_PER_SPLIT), min(max_splits, _SHORT_CACHE_SPLITS))
+    return max(1, min(want, most))
 
 
 def _tiling(block: Block, batch: int, num_kv: int, kv_len: int, rows_needed: int):

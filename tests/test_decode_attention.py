@@ -11,7 +11,7 @@ from test_attention import assert_close  # same tolerances as prefill attention
 from test_qkv_rope import EPS, KERNEL_TOLERANCE, make_caches, numpy_norm_rope
 from test_qkv_rope import make_inputs as make_qkv_inputs
 from test_rms_norm import assert_ulp_close, f64
-from pallas_kernels.decode_attention import (Block, decode_attention, decode_attention_qkv,
+from pallas_kernels.decode_attention import (Block, _tiling, decode_attention, decode_attention_qkv,
                                              decode_attention_qkv_reference, decode_attention_reference)
 
 reference = jax.jit(decode_attention_reference)  # one compile per shape instead of op-by-op dispatch
@@ -95,6 +95,22 @@ def test_bad_shapes_raise(q_shape, k_shape, v_shape, len_shape, match):
     q, k, v = jnp.ones(q_shape), jnp.ones(k_shape), jnp.ones(v_shape)
     with pytest.raises(ValueError, match=match):
         decode_attention(q, k, v, jnp.ones(len_shape, jnp.int32), interpret=True)
+
+
+@pytest.mark.parametrize("B,KV,S", [(b, kv, s) for b in (1, 2, 8, 64) for kv in (1, 8)
+                                     for s in (16, 64, 100, 384, 1280, 4097, 32768)])
+def test_auto_splits_cover_the_cache_once(B, KV, S):
+    """The automatic split count: whole tiles per split, every cache slot in exactly one split, no empty split."""
+    rows, block_k, splits, chunk = _tiling(Block(), B, KV, S, 3)
+    assert rows == 16 and chunk % block_k == 0 and splits >= 1
+    assert (splits - 1) * chunk < S <= splits * chunk
+
+
+@pytest.mark.parametrize("B,S,splits", [(1, 384, 6), (1, 1280, 5), (1, 32768, 32), (8, 384, 3), (64, 1280, 1)])
+def test_auto_splits_as_tuned(B, S, splits):
+    """The split counts measured best end to end (BENCHMARKS.md): short caches get up to 6 one-tile splits,
+    longer ones >= 4 tiles per split, up to about two programs per SM (8 kv heads)."""
+    assert _tiling(Block(), B, 8, S, 3)[2] == splits
 
 
 def test_bad_dtype_raises():
