@@ -17,7 +17,9 @@ call may last at most 10 minutes, split it by engine and merge the two JSONs int
 Engines, side by side on the same weights (HF's parameters are zero-copy DLPack views of the JAX arrays):
 jax-pallas (this project, Pallas kernels), jax-xla (this project, the jnp reference ops), hf-eager
 (transformers in PyTorch eager mode, sdpa attention) and hf-compile (static cache + torch.compile of the decode
-step, which transformers' `generate` does itself for a static cache; its prefill stays eager).
+step, which transformers' `generate` does itself for a static cache; its prefill stays eager). The JAX engines
+run all their workloads first, before torch runs a kernel in the process (after that, JAX's small-kernel decode
+steps measured ~10% slower in the same process), then HF eager, then hf-compile.
 Decode: greedy, no early stop, random prompt ids; tok/s = batch x decode steps / decode time (prefill excluded).
 Prefill: batch 1, time to first token. Limits are measured in the same run: decode against (weights + KV bytes
 read per step) / device copy bandwidth, prefill against FLOPs / bf16 matmul FLOP/s.
@@ -470,15 +472,23 @@ def _device_name(torch_device: str) -> str:
     return f"{d.platform}: {d.device_kind}"
 
 
-def finish_row(row: dict, w: Workload, config: Qwen3Config, ceilings: dict) -> dict:
-    """Rates and fractions of the measured limits from a row's raw times."""
+def finish_row(row: dict, w: Workload, config: Qwen3Config) -> dict:
+    """Rates from a row's raw times."""
     if "decode_s" in row and row["decode_s"] > 0:
         step_s = row["decode_s"] / row["decode_steps"]
-        floor = decode_floor_s(config, w.batch, w.prompt, row["decode_steps"], ceilings["copy_bytes_per_s"])
-        row.update(tok_per_s=w.batch / step_s, ms_per_step=step_s * 1e3, limit_frac=floor / step_s)
+        row.update(tok_per_s=w.batch / step_s, ms_per_step=step_s * 1e3)
     elif w.kind == "prefill" and row.get("ttft_s"):
-        row.update(tok_per_s=w.prompt / row["ttft_s"],
-                   limit_frac=prefill_flops(config, w.prompt) / row["ttft_s"] / ceilings["matmul_flops_per_s"])
+        row.update(tok_per_s=w.prompt / row["ttft_s"])
+    return row
+
+
+def limit_row(row: dict, config: Qwen3Config, ceilings: dict) -> dict:
+    """A row's fraction of the measured limits (decode: bytes per step / copy bandwidth; prefill: FLOPs / peak)."""
+    if "decode_s" in row and row["decode_s"] > 0:
+        floor = decode_floor_s(config, row["batch"], row["prompt"], row["decode_steps"], ceilings["copy_bytes_per_s"])
+        row["limit_frac"] = floor / (row["decode_s"] / row["decode_steps"])
+    elif row["kind"] == "prefill" and row.get("ttft_s"):
+        row["limit_frac"] = prefill_flops(config, row["prompt"]) / row["ttft_s"] / ceilings["matmul_flops_per_s"]
     return row
 
 
@@ -499,10 +509,6 @@ def run_benchmark(args) -> dict:
         "rows": [],
     }
     log(f"{model_name}: {config.num_params() / 1e9:.3f} B params, {config.dtype}, on {result['meta']['gpu']}")
-    result["ceilings"] = ceilings = measure_ceilings(device, args.quick)
-    log(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
-        f"matmul {ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s")
-
     t = time.perf_counter()
     params = jax.block_until_ready(random_params(config, args.seed))
     result["meta"]["init_s"] = {"jax": time.perf_counter() - t}
@@ -515,29 +521,19 @@ def run_benchmark(args) -> dict:
             if args.pallas_ops is not None:  # an ablation: the other ops on their references
                 kernels = Kernels(**dict.fromkeys(args.pallas_ops, True), interpret=kernels.interpret)
             engines[name] = JaxEngine(name, config, params, kernels, args.chunk, args.profile)
-    if any(e.startswith("hf-") for e in args.engines):
-        import transformers
 
-        transformers.logging.set_verbosity_error()
-        dynamo = torch._dynamo.config  # one compiled graph per (batch, cache length): allow more than 8
-        setattr(dynamo, "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit", 64)
-        t = time.perf_counter()
-        model = hf_model_from_params(config, params, device)
-        result["meta"]["init_s"]["hf"] = time.perf_counter() - t
-        shared = result["meta"]["weight_bytes"] if device == "cuda" and jax_platform == "gpu" else 0
-        for name in args.engines:
-            if name.startswith("hf-"):
-                engines[name] = HFEngine(name, model, device, shared)
-    log(f"weights ready in {result['meta']['init_s']}")
-
+    # The JAX engines run first, every workload, before torch launches a kernel in this process: once it has (the
+    # ceilings, an HF engine), JAX's decode runs ~10% slower in the same process at the same GPU kernel time
+    # (H100, 0.6B batch 1; BENCHMARKS.md), which a user running JAX alone never sees. HF eager next, hf-compile
+    # last: it compiles for each shape, so a time budget cuts it first. (JAX's allocator keeps its peak, so the HF
+    # engines run in what is left of the GPU's memory.)
     plan = workloads(args)
-    # hf-eager before the JAX engines of each workload: JAX's allocator never hands memory back, torch's does.
-    # hf-compile after everything: it compiles for each shape, so a time budget cuts it first.
-    first = [e for e in ("hf-eager", "jax-pallas", "jax-xla") if e in args.engines]
-    order = [(w, e) for w in plan for e in first]
-    order += [(w, "hf-compile") for w in plan if "hf-compile" in args.engines]
+    order = [(w, e) for e in ("jax-pallas", "jax-xla", "hf-eager", "hf-compile") if e in args.engines for w in plan]
+    hf_from = next((i for i, (_, e) in enumerate(order) if e.startswith("hf-")), len(order))
     last_s = {}
-    for w, name in order:
+    for i, (w, name) in enumerate(order):
+        if i == hf_from:  # the JAX rows are done: now torch may run
+            _start_torch(args, config, params, device, result, engines, torch)
         row = {"engine": name, "workload": w.name, "kind": w.kind, "batch": w.batch, "prompt": w.prompt,
                "requested_new_tokens": w.new_tokens}
         result["rows"].append(row)
@@ -554,25 +550,55 @@ def run_benchmark(args) -> dict:
         t = time.perf_counter()
         try:
             row.update(engines[name].run(w, ids, args.reps, args.hf_cap_s))
-            finish_row(row, w, config, ceilings)
+            finish_row(row, w, config)
+            if "ceilings" in result:
+                limit_row(row, config, result["ceilings"])
         except Exception as e:  # one failure (an OOM, a kernel error) must not end the run
             row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
         finally:
             gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()  # hand torch's cached blocks back for JAX to grow into
+            if device == "cuda" and name.startswith("hf-"):
+                torch.cuda.empty_cache()  # hand torch's cached blocks back
         last_s[(name, w.kind)] = time.perf_counter() - t
         row["wall_s"] = last_s[(name, w.kind)]
         log(f"{name:10s} {w.name:18s} " + (row["error"] if "error" in row else
-            f"{row.get('tok_per_s', 0):10,.1f} tok/s  {100 * row.get('limit_frac', 0):5.1f}% of limit  "
-            f"({row['wall_s']:.1f} s)"))
+            f"{row.get('tok_per_s', 0):10,.1f} tok/s  " +
+            (f"{100 * row['limit_frac']:5.1f}% of limit  " if "limit_frac" in row else "") + f"({row['wall_s']:.1f} s)"))
         if args.json:
             _write_json(args.json, result)
+    if hf_from == len(order):  # no HF engine: the ceilings still come after the JAX rows
+        _start_torch(args, config, params, device, result, engines, torch)
 
     stats = jax.devices()[0].memory_stats() or {}
     result["meta"]["jax_peak_bytes"] = stats.get("peak_bytes_in_use")
     result["meta"]["total_s"] = time.perf_counter() - _T0
     return result
+
+
+def _start_torch(args, config, params, device, result, engines, torch) -> None:
+    """After the JAX rows: the limits measured with torch, then the HF model on the JAX weights (DLPack views)."""
+    result["ceilings"] = ceilings = measure_ceilings(device, args.quick)
+    log(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"matmul {ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s")
+    for row in result["rows"]:  # the JAX rows so far
+        limit_row(row, config, ceilings)
+    if args.json:
+        _write_json(args.json, result)
+    if not any(e.startswith("hf-") for e in args.engines):
+        return
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    dynamo = torch._dynamo.config  # one compiled graph per (batch, cache length): allow more than 8
+    setattr(dynamo, "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit", 64)
+    t = time.perf_counter()
+    model = hf_model_from_params(config, params, device)
+    result["meta"]["init_s"]["hf"] = time.perf_counter() - t
+    shared = result["meta"]["weight_bytes"] if device == "cuda" and jax.devices()[0].platform == "gpu" else 0
+    for name in args.engines:
+        if name.startswith("hf-"):
+            engines[name] = HFEngine(name, model, device, shared)
+    log(f"HF model ready in {result['meta']['init_s']['hf']:.1f} s")
 
 
 def _version(package: str) -> str:
@@ -605,15 +631,16 @@ def render(results: list[dict]) -> str:
     chunk = first.get("chunk", DECODE_CHUNK)  # runs saved before the flag existed used the default
     lines = [f"## {first['model']} — {first['gpu']}, {first['date']}", ""]
     for r in results:
-        m, c = r["meta"], r["ceilings"]
+        m, c = r["meta"], r.get("ceilings")
         init = ", ".join(f"{k} {v:.1f} s" for k, v in m.get("init_s", {}).items())
         ops = m.get("pallas_ops", "all")
         ops = "" if ops == "all" else f"; jax-pallas kernels: {', '.join(ops)} only"
+        limits = ("not measured (the run stopped before the JAX rows were done)" if c is None else
+                  f"device copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write, {c['copy_gib']:.0f} GiB), "
+                  f"bf16 matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s ({c['matmul_n']}^3)")
         lines += [f"- `{m['command']}` (commit {m['commit']}, {m['gpu']}, {m['date']}, jax {m['versions']['jax']}{ops}, "
                   f"torch {m['versions']['torch']}, transformers {m['versions']['transformers']})",
-                  f"  - measured limits: device copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write, "
-                  f"{c['copy_gib']:.0f} GiB), bf16 matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s "
-                  f"({c['matmul_n']}^3); weight init: {init}; run took {m.get('total_s', 0):.0f} s"]
+                  f"  - measured limits: {limits}; weight init: {init}; run took {m.get('total_s', 0):.0f} s"]
     lines += [
         f"- {p / 1e9:.3f} B params ({first['config']['dtype']}, random weights, {first['weight_bytes'] / 1e9:.2f} GB); "
         "HF's parameters are DLPack views of the JAX arrays, so both run on the very same weights",

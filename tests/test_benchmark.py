@@ -64,6 +64,8 @@ def test_smoke_run_writes_rows_with_sane_values(tmp_path):
         assert decode["new_tokens"] == 4 and decode["decode_steps"] == steps
         assert decode["tok_per_s"] == pytest.approx(steps / decode["decode_s"])
     assert rows[("jax-xla", "decode b1 p8")]["cache_bytes"] > 0
+    # Run order: every JAX workload before torch runs anything (its kernels slow JAX's decode in the same process).
+    assert [r["engine"] for r in result["rows"]] == ["jax-xla"] * 2 + ["hf-eager"] * 2
     assert result["ceilings"]["copy_bytes_per_s"] > 0 and result["ceilings"]["matmul_flops_per_s"] > 0
     assert result["meta"]["commit"] == "test" and result["meta"]["model"] == "Qwen3-tiny"
     text = md.read_text()
