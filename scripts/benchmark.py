@@ -69,7 +69,7 @@ PRESETS = {
     "14B": dict(zip(_SHAPE, (5120, 17408, 40, 40, 8, 128, 151936, False))),
     "32B": dict(zip(_SHAPE, (5120, 25600, 64, 64, 8, 128, 151936, False))),
 }
-ENGINES = ("jax-pallas", "jax-xla", "hf-eager", "hf-compile")
+ENGINES = ("jax-pallas", "jax-xla", "hf-eager", "hf-compile")  # also the run order: JAX before torch
 PALLAS_OPS = tuple(f.name for f in dataclasses.fields(Kernels) if f.name != "interpret")
 GREEDY = SamplingParams.greedy_decoding()
 _T0 = time.perf_counter()
@@ -472,7 +472,7 @@ def _device_name(torch_device: str) -> str:
     return f"{d.platform}: {d.device_kind}"
 
 
-def finish_row(row: dict, w: Workload, config: Qwen3Config) -> dict:
+def finish_row(row: dict, w: Workload) -> dict:
     """Rates from a row's raw times."""
     if "decode_s" in row and row["decode_s"] > 0:
         step_s = row["decode_s"] / row["decode_steps"]
@@ -528,12 +528,11 @@ def run_benchmark(args) -> dict:
     # last: it compiles for each shape, so a time budget cuts it first. (JAX's allocator keeps its peak, so the HF
     # engines run in what is left of the GPU's memory.)
     plan = workloads(args)
-    order = [(w, e) for e in ("jax-pallas", "jax-xla", "hf-eager", "hf-compile") if e in args.engines for w in plan]
-    hf_from = next((i for i, (_, e) in enumerate(order) if e.startswith("hf-")), len(order))
+    order = [(w, e) for e in ENGINES if e in args.engines for w in plan]
     last_s = {}
-    for i, (w, name) in enumerate(order):
-        if i == hf_from:  # the JAX rows are done: now torch may run
-            _start_torch(args, config, params, device, result, engines, torch)
+    for w, name in order:
+        if name.startswith("hf-") and "ceilings" not in result:  # the JAX rows are done: now torch may run
+            _start_torch(args, config, params, device, result, engines)
         row = {"engine": name, "workload": w.name, "kind": w.kind, "batch": w.batch, "prompt": w.prompt,
                "requested_new_tokens": w.new_tokens}
         result["rows"].append(row)
@@ -550,7 +549,7 @@ def run_benchmark(args) -> dict:
         t = time.perf_counter()
         try:
             row.update(engines[name].run(w, ids, args.reps, args.hf_cap_s))
-            finish_row(row, w, config)
+            finish_row(row, w)
             if "ceilings" in result:
                 limit_row(row, config, result["ceilings"])
         except Exception as e:  # one failure (an OOM, a kernel error) must not end the run
@@ -566,8 +565,8 @@ def run_benchmark(args) -> dict:
             (f"{100 * row['limit_frac']:5.1f}% of limit  " if "limit_frac" in row else "") + f"({row['wall_s']:.1f} s)"))
         if args.json:
             _write_json(args.json, result)
-    if hf_from == len(order):  # no HF engine: the ceilings still come after the JAX rows
-        _start_torch(args, config, params, device, result, engines, torch)
+    if "ceilings" not in result:  # no HF engine: the limits still come after the JAX rows
+        _start_torch(args, config, params, device, result, engines)
 
     stats = jax.devices()[0].memory_stats() or {}
     result["meta"]["jax_peak_bytes"] = stats.get("peak_bytes_in_use")
@@ -575,8 +574,10 @@ def run_benchmark(args) -> dict:
     return result
 
 
-def _start_torch(args, config, params, device, result, engines, torch) -> None:
+def _start_torch(args, config, params, device, result, engines) -> None:
     """After the JAX rows: the limits measured with torch, then the HF model on the JAX weights (DLPack views)."""
+    import torch
+
     result["ceilings"] = ceilings = measure_ceilings(device, args.quick)
     log(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
         f"matmul {ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s")
@@ -594,7 +595,7 @@ def _start_torch(args, config, params, device, result, engines, torch) -> None:
     t = time.perf_counter()
     model = hf_model_from_params(config, params, device)
     result["meta"]["init_s"]["hf"] = time.perf_counter() - t
-    shared = result["meta"]["weight_bytes"] if device == "cuda" and jax.devices()[0].platform == "gpu" else 0
+    shared = result["meta"]["weight_bytes"] if device == "cuda" else 0  # cuda only with JAX on the GPU too
     for name in args.engines:
         if name.startswith("hf-"):
             engines[name] = HFEngine(name, model, device, shared)
