@@ -1,58 +1,121 @@
-"""The KV cache: an immutable pytree of per-layer [batch, kv_heads, max_len, head_dim] arrays.
+"""The paged KV cache: per layer a pool of fixed-size blocks, and the per-step metadata that addresses it.
 
-Each step returns a new cache; jit donates the old one (`donate_argnames="cache"`) so XLA writes the new
-keys and values into the same buffers instead of copying the cache.
+`KVCache` is an immutable pytree of per-layer k/v pools [num_blocks, kv_heads, block_size, head_dim]; jit donates
+it (`donate_argnames="cache"`) so each step writes its keys and values into the same buffers. Which blocks hold a
+sequence is host state (the engine's block manager); a step sees it as `AttentionMetadata`: block tables, lengths,
+and for prefill the flat slot of every token. Position p of a sequence lives in block table[p // block_size] at
+offset p % block_size.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from .config import Qwen3Config
 
 
-LEN_MULTIPLE = 64  # cache lengths are rounded up to this, so attention kernels' key tiles never straddle the end
-
-
 class CacheOverflowError(ValueError):
-    """A step would write past the cache's max_len."""
+    """A request needs more KV-cache blocks than the pool has."""
 
 
 @struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer [B, KV, S, D]
-    v: tuple[jax.Array, ...]  # per layer [B, KV, S, D]
+    k: tuple[jax.Array, ...]  # per layer [num_blocks, KV, block_size, D]
+    v: tuple[jax.Array, ...]  # per layer [num_blocks, KV, block_size, D]
 
     @classmethod
-    def init(cls, config: Qwen3Config, batch: int, max_len: int, dtype=None) -> "KVCache":
-        """An empty cache for `batch` rows of at least `max_len` positions (rounded up to a multiple of 64)."""
-        if batch <= 0 or max_len <= 0:
-            raise ValueError(f"cache batch and max_len must be positive, got batch={batch}, max_len={max_len}")
-        max_len = -(-max_len // LEN_MULTIPLE) * LEN_MULTIPLE
-        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+    def init(cls, config: Qwen3Config, num_blocks: int, block_size: int, dtype=None) -> "KVCache":
+        """An empty pool of `num_blocks` blocks of `block_size` positions per layer."""
+        check_block_size(block_size)
+        if num_blocks <= 0:
+            raise ValueError(f"the KV cache needs at least one block, got num_blocks={num_blocks}")
+        shape = (num_blocks, config.num_key_value_heads, block_size, config.head_dim)
         dtype = dtype or config.jnp_dtype
         zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731  (a fresh buffer per layer, never shared)
         return cls(k=tuple(zeros() for _ in range(config.num_hidden_layers)),
                    v=tuple(zeros() for _ in range(config.num_hidden_layers)))
 
+    @staticmethod
+    def bytes_per_block(config: Qwen3Config, block_size: int, dtype=None) -> int:
+        """Device bytes of one block across all layers, keys and values."""
+        itemsize = jnp.dtype(dtype or config.jnp_dtype).itemsize
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * block_size * config.head_dim * itemsize
+
     @property
-    def batch(self) -> int:
+    def num_blocks(self) -> int:
         return self.k[0].shape[0]
 
     @property
-    def max_len(self) -> int:
+    def block_size(self) -> int:
         return self.k[0].shape[2]
 
     @property
     def nbytes(self) -> int:
         return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
 
-    def check_fits(self, end_position: int) -> None:
-        """Raise before a step whose positions would reach `end_position` (exclusive) beyond max_len."""
-        if end_position > self.max_len:
-            raise CacheOverflowError(
-                f"this step needs {end_position} cache positions but the KV cache holds max_len={self.max_len}; "
-                "create a larger cache (or shorten the prompt / max_new_tokens)"
-            )
+
+def check_block_size(block_size: int) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16 (one attention key tile), got {block_size!r}")
+
+
+@struct.dataclass
+class AttentionMetadata:
+    """Where a step's tokens read and write the pool. Decode: one token per row (N = S); the model takes the
+    rows' positions from its `positions` argument (position -1: a padding row), so one metadata serves every step
+    of an on-device decode loop. Prefill: sequence s's chunk is tokens query_start[s] .. query_start[s+1] - 1 at positions
+    seq_lens[s] - chunk .. seq_lens[s] - 1; tokens past query_start[-1] are padding (slot -1: nothing written)."""
+
+    block_tables: jax.Array  # [S, max_blocks] int32
+    seq_lens: jax.Array  # [S] int32: positions in the cache after this step
+    query_start: jax.Array  # [S + 1] int32 (prefill; decode: arange)
+    slot_mapping: jax.Array  # [N] int32: flat slot (block * block_size + offset) of each token, -1 for padding
+    decode: bool = struct.field(pytree_node=False, default=False)
+
+    @classmethod
+    def for_prefill(cls, block_tables: Sequence[Sequence[int]], seq_lens: Sequence[int], query_lens: Sequence[int],
+                    *, block_size: int, num_tokens: int, num_seqs: int | None = None,
+                    max_blocks: int | None = None) -> "AttentionMetadata":
+        """Host-built metadata for chunks of query_lens[s] tokens ending at seq_lens[s], padded to `num_tokens`
+        tokens and `num_seqs` rows (tables padded to `max_blocks` with block 0, never read)."""
+        num_seqs = num_seqs or len(seq_lens)
+        tables = _table_array(block_tables, num_seqs, max_blocks)
+        lens = np.zeros(num_seqs, np.int32)
+        lens[: len(seq_lens)] = seq_lens
+        qlens = np.zeros(num_seqs, np.int32)
+        qlens[: len(query_lens)] = query_lens
+        start = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32)
+        if start[-1] > num_tokens:
+            raise ValueError(f"{start[-1]} query tokens do not fit a step of {num_tokens} tokens")
+        slots = np.full(num_tokens, -1, np.int32)
+        for s, (n, q) in enumerate(zip(lens, qlens)):
+            pos = np.arange(n - q, n)
+            slots[start[s]:start[s + 1]] = tables[s, pos // block_size] * block_size + pos % block_size
+        return cls(jnp.asarray(tables), jnp.asarray(lens), jnp.asarray(start), jnp.asarray(slots), decode=False)
+
+    @classmethod
+    def for_decode(cls, block_tables: Sequence[Sequence[int]], positions: Sequence[int], *, num_seqs: int | None = None,
+                   max_blocks: int | None = None) -> "AttentionMetadata":
+        """Host-built metadata for one token per row at `positions` (rows past len(positions) are padding)."""
+        num_seqs = num_seqs or len(positions)
+        tables = _table_array(block_tables, num_seqs, max_blocks)
+        pos = np.full(num_seqs, -1, np.int32)
+        pos[: len(positions)] = positions
+        # The decode kernels find each token's slot from its table row and position themselves.
+        return cls(jnp.asarray(tables), jnp.asarray(pos + 1), jnp.arange(num_seqs + 1, dtype=jnp.int32),
+                   jnp.full((num_seqs,), -1, jnp.int32), decode=True)
+
+
+def _table_array(block_tables, num_seqs: int, max_blocks: int | None) -> np.ndarray:
+    width = max_blocks or max((len(t) for t in block_tables), default=1) or 1
+    out = np.zeros((num_seqs, width), np.int32)
+    for s, t in enumerate(block_tables):
+        if len(t) > width:
+            raise ValueError(f"sequence {s} has {len(t)} blocks, more than the table width {width}")
+        out[s, : len(t)] = t
+    return out

@@ -1,4 +1,5 @@
-"""The Qwen3 forward pass as pure functions of (params, tokens, positions, cache), op by op as HF computes it.
+"""The Qwen3 forward pass as pure functions of (params, tokens, positions, cache, metadata), op by op as HF
+computes it, over a flat batch of tokens from any number of sequences and a paged KV cache.
 
 Layers are unrolled (a Python loop under jit), so XLA sees one straight-line program per step. The residual
 add of each sub-block is fused into the RMSNorm that opens the next one (`ops.dense` = RMSNorm + linear), which
@@ -9,48 +10,52 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import ops
 from .config import Qwen3Config
-from .kv_cache import KVCache
+from .kv_cache import AttentionMetadata, KVCache
 from .ops import Kernels, linear
 
 
-def _attention(p, qkv, positions, k_cache, v_cache, inv_freq, config: Qwen3Config, kernels: Kernels):
-    """q/k norm, RoPE, this step's keys and values into the cache, attention: -> ([B, T, Hq * D], caches)."""
-    b, t, _ = qkv.shape
-    args = (qkv, p["q_norm"], p["k_norm"], inv_freq, positions, k_cache, v_cache)
+def _attention(p, qkv, positions, k_pool, v_pool, meta: AttentionMetadata, inv_freq, config: Qwen3Config,
+               kernels: Kernels):
+    """q/k norm, RoPE, this step's keys and values into the pool, attention: -> ([N, Hq * D], pools)."""
+    n = qkv.shape[0]
+    norms = (p["q_norm"], p["k_norm"], inv_freq)
     dims = dict(num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
                 head_dim=config.head_dim, eps=config.rms_norm_eps)
-    if t == 1:  # a decode step: one fused kernel when both ops are kernels
-        o, k_cache, v_cache = ops.decode_qkv_attention(kernels, *args, **dims)  # o [B, Hq, D]
+    if meta.decode:  # one token per row: one fused kernel when both ops are kernels
+        o, k_pool, v_pool = ops.paged_decode_qkv_attention(kernels, qkv[:, None], *norms, positions[:, None],
+                                                           k_pool, v_pool, meta.block_tables, **dims)  # [B, Hq, D]
     else:
-        q, k_cache, v_cache = ops.qkv_rope(kernels, *args, **dims)  # q [B, T, Hq, D]
-        o = ops.attention(kernels, q, k_cache, v_cache, positions[:, 0])  # [B, T, Hq, D]
-    return o.reshape(b, t, config.q_size), k_cache, v_cache
+        q, k, v = ops.qkv_rope(kernels, qkv[None], *norms, positions[None], **dims)  # [1, N, H, D]
+        k_pool, v_pool = ops.write_kv(k_pool, v_pool, k[0], v[0], meta.slot_mapping)
+        o = ops.paged_prefill_attention(kernels, q[0], k_pool, v_pool, meta.block_tables, meta.query_start,
+                                        meta.seq_lens)  # [N, Hq, D]
+    return o.reshape(n, config.q_size), k_pool, v_pool
 
 
-def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCache, *, config: Qwen3Config,
-            kernels: Kernels = Kernels(), logits_index: jax.Array | None = None, return_hidden: bool = False):
-    """Run the model on tokens [B, T] at positions [B, T] (contiguous per row), writing their keys and values.
+def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCache, meta: AttentionMetadata, *,
+            config: Qwen3Config, kernels: Kernels = Kernels(), logits_indices: jax.Array | None = None,
+            return_hidden: bool = False):
+    """Run the model on a flat batch of tokens [N] at positions [N], writing their keys and values into the pool
+    where `meta` says, each token attending to its own sequence's cached positions up to its own.
 
-    Returns (logits, cache), with logits [B, T, V] float32, or [B, V] at `logits_index` [B] when given (prefill
-    only needs the last prompt token's). With `return_hidden`, also the residual stream after the embedding and
-    after every layer (a list of [B, T, H]).
+    Returns (logits, cache): logits [N, V] float32, or [S, V] for the rows `logits_indices` [S] when given (a step
+    only needs each sequence's last token). With `return_hidden`, also the residual stream after the embedding
+    and after every layer (a list of [N, H]).
     """
-    if tokens.ndim != 2 or positions.shape != tokens.shape:
-        raise ValueError(f"tokens and positions must both be [batch, seq], got {tokens.shape} and {positions.shape}")
-    if tokens.shape[0] != cache.batch:
-        raise ValueError(f"tokens have batch {tokens.shape[0]} but the KV cache was made for batch {cache.batch}")
-    if not isinstance(positions, jax.core.Tracer):  # an eager call: check here (under jit the caller must)
-        cache.check_fits(int(np.max(np.asarray(positions))) + 1)
+    if tokens.ndim != 1 or positions.shape != tokens.shape:
+        raise ValueError(f"tokens and positions must both be flat [N], got {tokens.shape} and {positions.shape}")
+    if meta.decode and meta.block_tables.shape[0] != tokens.shape[0]:
+        raise ValueError(f"a decode step has one token per row: {tokens.shape[0]} tokens but "
+                         f"{meta.block_tables.shape[0]} block-table rows")
     dtype = config.jnp_dtype
     inv_freq = jnp.asarray(config.inv_freq())
     eps = config.rms_norm_eps
     positions = positions.astype(jnp.int32)
 
-    h = params["embed_tokens"][tokens].astype(dtype)  # [B,T,H]; Qwen3 never scales embeddings
+    h = params["embed_tokens"][tokens].astype(dtype)  # [N, H]; Qwen3 never scales embeddings
     hidden = [h] if return_hidden else None
     new_k, new_v = [], []
     out, residual = None, None
@@ -63,7 +68,7 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCach
                                       residual=residual, eps=eps)
             if return_hidden:
                 hidden.append(residual)
-        o, k_i, v_i = _attention(p, qkv, positions, cache.k[i], cache.v[i], inv_freq, config, kernels)
+        o, k_i, v_i = _attention(p, qkv, positions, cache.k[i], cache.v[i], meta, inv_freq, config, kernels)
         new_k.append(k_i)
         new_v.append(v_i)
         a = ops.dense(kernels, o, p["o_proj"])
@@ -74,8 +79,8 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCach
     if return_hidden:
         hidden.append(residual)
 
-    if logits_index is not None:
-        x = jnp.take_along_axis(x, logits_index.astype(jnp.int32)[:, None, None], axis=1)[:, 0]  # [B,H]
+    if logits_indices is not None:
+        x = x[logits_indices.astype(jnp.int32)]  # [S, H]
     lm_head = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
     logits = linear(x, lm_head).astype(jnp.float32)  # HF: lm_head in the model dtype, then .float()
     cache = KVCache(k=tuple(new_k), v=tuple(new_v))

@@ -8,8 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import attention as _attn
-from pallas_kernels import decode_attention as _dec
+from pallas_kernels import paged_attention as _paged
 from pallas_kernels import qkv_rope as _qkv
 from pallas_kernels import rms_norm as _rms
 
@@ -87,29 +86,39 @@ def dense(k: Kernels, x, w, *, norm_weight=None, residual=None, eps=None, swiglu
     return (y, summed) if summed is not None else y
 
 
-def qkv_rope(k: Kernels, qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, **dims):
-    """q [B, T, Hq, D] and the layer's caches with this step's keys and values written at `positions`."""
+def qkv_rope(k: Kernels, qkv, q_norm, k_norm, inv_freq, positions, **dims):
+    """q [B, T, Hq, D], k and v [B, T, KV, D] from the projection: q/k RMSNorm and RoPE at `positions`."""
     fn = functools.partial(_qkv.qkv_rope, interpret=k.interpret) if k.qkv_rope else _qkv.qkv_rope_reference
-    return fn(qkv, q_norm, k_norm, inv_freq, positions, k_cache=k_cache, v_cache=v_cache, **dims)
+    return fn(qkv, q_norm, k_norm, inv_freq, positions, **dims)
 
 
-def decode_qkv_attention(k: Kernels, qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, **dims):
-    """A decode step (T = 1): `qkv_rope` with the cache write, then `decode_attention` over the written cache ->
-    (o [B, Hq, D], k_cache, v_cache). With both ops as kernels this is one fused Pallas kernel."""
+def write_kv(k_pool, v_pool, k, v, slots):
+    """Keys and values [N, KV, D] into their pool slots [N] (an XLA scatter, in place on donated pools)."""
+    return _paged.write_slots(k_pool, v_pool, k, v, slots)
+
+
+def paged_decode_qkv_attention(k: Kernels, qkv, q_norm, k_norm, inv_freq, positions, k_pool, v_pool, block_tables,
+                               **dims):
+    """A decode step, qkv [B, 1, (Hq + 2KV) * D] at positions [B, 1]: `qkv_rope`, k/v into the pool, then paged
+    decode attention -> (o [B, Hq, D], k_pool, v_pool). With both ops as kernels this is one fused Pallas kernel."""
     if k.qkv_rope and k.decode_attention:
-        return _dec.decode_attention_qkv(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, **dims,
-                                         interpret=k.interpret)
-    q, k_cache, v_cache = qkv_rope(k, qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, **dims)
-    return decode_attention(k, q[:, 0], k_cache, v_cache, positions[:, 0] + 1), k_cache, v_cache
-
-
-def attention(k: Kernels, q, k_cache, v_cache, q_start):
-    if k.attention:
-        return _attn.attention(q, k_cache, v_cache, q_start, interpret=k.interpret)
-    return _attn.attention_reference(q, k_cache, v_cache, q_start)
-
-
-def decode_attention(k: Kernels, q, k_cache, v_cache, lengths):
+        return _paged.paged_decode_attention_qkv(qkv, q_norm, k_norm, inv_freq, positions, k_pool, v_pool,
+                                                 block_tables, **dims, interpret=k.interpret)
+    q, key, value = qkv_rope(k, qkv, q_norm, k_norm, inv_freq, positions, **dims)
+    pos = positions[:, 0].astype(jnp.int32)
+    k_pool, v_pool = write_kv(k_pool, v_pool, key[:, 0], value[:, 0],
+                              _paged.slot_of(block_tables, pos, k_pool.shape[2]))
+    seq_lens = jnp.maximum(pos + 1, 0)
     if k.decode_attention:
-        return _dec.decode_attention(q, k_cache, v_cache, lengths, interpret=k.interpret)
-    return _dec.decode_attention_reference(q, k_cache, v_cache, lengths)
+        o = _paged.paged_decode_attention(q[:, 0], k_pool, v_pool, block_tables, seq_lens, interpret=k.interpret)
+    else:
+        o = _paged.paged_decode_attention_reference(q[:, 0], k_pool, v_pool, block_tables, seq_lens)
+    return o, k_pool, v_pool
+
+
+def paged_prefill_attention(k: Kernels, q, k_pool, v_pool, block_tables, query_start, seq_lens):
+    """Causal attention of a flat batch of query chunks q [N, Hq, D] over their sequences' blocks -> [N, Hq, D]."""
+    if k.attention:
+        return _paged.paged_prefill_attention(q, k_pool, v_pool, block_tables, query_start, seq_lens,
+                                              interpret=k.interpret)
+    return _paged.paged_prefill_attention_reference(q, k_pool, v_pool, block_tables, query_start, seq_lens)

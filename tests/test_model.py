@@ -14,6 +14,7 @@ import torch
 
 import qwen3_jax as q
 from conftest import INTERPRET
+from paged_rows import forward_rows, row_cache
 from tiny_checkpoint import build_checkpoint, load_hf_model
 
 CONFIGS = {
@@ -40,10 +41,9 @@ def rel(a, b):
 
 def jax_forward(model, ids, return_hidden=False):
     b, t = ids.shape
-    cache = q.KVCache.init(model.config, b, t)
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return q.forward(model.params, jnp.asarray(ids), pos, cache, config=model.config, kernels=model.kernels,
-                     return_hidden=return_hidden)
+    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    return forward_rows(model.params, ids, pos, row_cache(model.config, b, t), config=model.config,
+                        kernels=model.kernels, return_hidden=return_hidden)
 
 
 def hf_hidden(hf, ids):
@@ -102,13 +102,13 @@ def test_cached_decode_equals_full_forward(ckpt):
     model = q.load(ckpt, dtype="float32", kernels="reference")
     ids = random_ids(model, (2, 20), seed=2)
     full, _ = jax_forward(model, ids)
-    cache = q.KVCache.init(model.config, 2, 32)
+    cache = row_cache(model.config, 2, 32)
     pos = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
-    logits, cache = q.forward(model.params, jnp.asarray(ids[:, :12]), pos, cache, config=model.config)
+    logits, cache = forward_rows(model.params, jnp.asarray(ids[:, :12]), pos, cache, config=model.config)
     steps = [logits]
     for t in range(12, 20):
         p = jnp.full((2, 1), t, jnp.int32)
-        logits, cache = q.forward(model.params, jnp.asarray(ids[:, t:t + 1]), p, cache, config=model.config)
+        logits, cache = forward_rows(model.params, jnp.asarray(ids[:, t:t + 1]), p, cache, config=model.config)
         steps.append(logits)
     stepped = np.concatenate(steps, axis=1)
     assert rel(stepped, full) <= 3e-5
@@ -119,11 +119,11 @@ def test_chunked_prefill_equals_one_prefill(ckpt):
     model = q.load(ckpt, dtype="float32", kernels="reference")
     ids = random_ids(model, (1, 30), seed=3)
     full, _ = jax_forward(model, ids)
-    cache = q.KVCache.init(model.config, 1, 32)
+    cache = row_cache(model.config, 1, 32)
     outs = []
     for s, e in [(0, 13), (13, 30)]:
         pos = jnp.arange(s, e, dtype=jnp.int32)[None]
-        logits, cache = q.forward(model.params, jnp.asarray(ids[:, s:e]), pos, cache, config=model.config)
+        logits, cache = forward_rows(model.params, jnp.asarray(ids[:, s:e]), pos, cache, config=model.config)
         outs.append(logits)
     chunked = np.concatenate(outs, axis=1)
     assert rel(chunked, full) <= 3e-5
@@ -142,15 +142,15 @@ def test_pallas_kernels_match_reference_path(ckpt, dtype, tol):
         assert rel(h.astype(jnp.float32), ref_hidden[i].astype(jnp.float32)) <= tol
     assert rel(got, ref) <= tol
     # and one decode step through the decode-attention kernel
-    cache_r = q.KVCache.init(ref_model.config, 2, 32)
-    cache_k = q.KVCache.init(ref_model.config, 2, 32)
+    cache_r = row_cache(ref_model.config, 2, 32)
+    cache_k = row_cache(ref_model.config, 2, 32)
     pos = jnp.broadcast_to(jnp.arange(17, dtype=jnp.int32), (2, 17))
-    _, cache_r = q.forward(ref_model.params, jnp.asarray(ids), pos, cache_r, config=ref_model.config)
-    _, cache_k = q.forward(kern_model.params, jnp.asarray(ids), pos, cache_k, config=kern_model.config,
+    _, cache_r = forward_rows(ref_model.params, jnp.asarray(ids), pos, cache_r, config=ref_model.config)
+    _, cache_k = forward_rows(kern_model.params, jnp.asarray(ids), pos, cache_k, config=kern_model.config,
                            kernels=kern_model.kernels)
     nxt, p = jnp.asarray(ids[:, :1]), jnp.full((2, 1), 17, jnp.int32)
-    ref_step, _ = q.forward(ref_model.params, nxt, p, cache_r, config=ref_model.config)
-    got_step, _ = q.forward(kern_model.params, nxt, p, cache_k, config=kern_model.config, kernels=kern_model.kernels)
+    ref_step, _ = forward_rows(ref_model.params, nxt, p, cache_r, config=ref_model.config)
+    got_step, _ = forward_rows(kern_model.params, nxt, p, cache_k, config=kern_model.config, kernels=kern_model.kernels)
     assert rel(got_step, ref_step) <= tol
 
 
@@ -158,12 +158,13 @@ def test_donation_aliases_the_whole_cache():
     config = q.Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=32, dtype="float32")
     params = q.weights.random_params(config)
-    cache = q.KVCache.init(config, 2, 64)
-    step = jax.jit(lambda p, t, pos, c: q.forward(p, t, pos, c, config=config), donate_argnames="c")
-    tok = jnp.zeros((2, 1), jnp.int32)
-    compiled = step.lower(params, tok, tok, cache).compile()
+    cache = q.KVCache.init(config, 8, 16)
+    meta = q.AttentionMetadata.for_decode([[1, 2], [3]], [20, 5])
+    step = jax.jit(lambda p, t, pos, c, m: q.forward(p, t, pos, c, m, config=config), donate_argnames="c")
+    tok = jnp.zeros((2,), jnp.int32)
+    compiled = step.lower(params, tok, tok, cache, meta).compile()
     assert compiled.memory_analysis().alias_size_in_bytes == cache.nbytes
-    _, new_cache = compiled(params, tok, tok, cache)  # the filterwarnings=error setting fails on unusable donation
+    _, new_cache = compiled(params, tok, tok, cache, meta)  # the filterwarnings=error setting fails on unusable donation
     assert all(k.is_deleted() for k in cache.k)
     assert new_cache.k[0].shape == cache.k[0].shape
 
@@ -190,9 +191,9 @@ def test_real_shape_kernels_stay_finite_and_track_reference_on_gpu():
 
     def step(cfg, kernels):  # the prompt, then one decode step from its cache (the decode kernels at batch 2)
         def run(p):
-            prefill = q.forward(p, ids, pos, q.KVCache.init(cfg, 2, 320), config=cfg, kernels=kernels,
+            prefill = forward_rows(p, ids, pos, row_cache(cfg, 2, 320), config=cfg, kernels=kernels,
                                 return_hidden=True)
-            decode = q.forward(p, ids[:, :1], jnp.full((2, 1), 300, jnp.int32), prefill[1], config=cfg,
+            decode = forward_rows(p, ids[:, :1], jnp.full((2, 1), 300, jnp.int32), prefill[1], config=cfg,
                                kernels=kernels, return_hidden=True)
             return prefill[0], prefill[2], decode[0], decode[2]
         return jax.jit(run)
@@ -218,15 +219,15 @@ def test_real_shape_kernels_stay_finite_and_track_reference_on_gpu():
                                                  f"vs {theirs:.3g}")
 
 
-def test_eager_forward_refuses_positions_past_the_cache():
+def test_forward_refuses_bad_shapes():
     config = q.Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=32, dtype="float32")
     params = q.weights.random_params(config)
-    cache = q.KVCache.init(config, 1, 64)
-    tok = jnp.zeros((1, 2), jnp.int32)
-    with pytest.raises(q.CacheOverflowError, match="needs 65 cache positions but the KV cache holds max_len=64"):
-        q.forward(params, tok, jnp.asarray([[63, 64]]), cache, config=config)
-    with pytest.raises(ValueError, match=r"tokens and positions must both be \[batch, seq\], got \(1, 2\) and \(1, 3\)"):
-        q.forward(params, tok, jnp.zeros((1, 3), jnp.int32), cache, config=config)
-    with pytest.raises(ValueError, match="tokens have batch 2 but the KV cache was made for batch 1"):
-        q.forward(params, jnp.zeros((2, 2), jnp.int32), jnp.zeros((2, 2), jnp.int32), cache, config=config)
+    cache = q.KVCache.init(config, 4, 16)
+    meta = q.AttentionMetadata.for_decode([[0]], [3])
+    with pytest.raises(ValueError, match=r"tokens and positions must both be flat \[N\], got \(1, 2\) and \(1, 2\)"):
+        q.forward(params, jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32), cache, meta, config=config)
+    with pytest.raises(ValueError, match="a decode step has one token per row: 2 tokens but 1 block-table rows"):
+        q.forward(params, jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32), cache, meta, config=config)
+    with pytest.raises(ValueError, match="block_size must be a power of two >= 16"):
+        q.KVCache.init(config, 4, 24)
