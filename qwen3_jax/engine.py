@@ -1,0 +1,498 @@
+"""The inference engine: continuous batching over the paged KV cache, driven one `step()` at a time.
+
+`LLMEngine` owns the pool, the block manager, the scheduler and the compiled steps. `add_request` queues a token
+prompt, `step` runs one prefill or decode step and returns the requests that progressed, `abort_request` frees a
+request at once. Decode steps run several tokens on the device per call; while the batch stays the same, the next
+decode call is queued before the previous one's tokens are read, so the device never waits for the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from collections.abc import Sequence as SequenceABC
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .block_manager import BlockManager
+from .kv_cache import AttentionMetadata, CacheOverflowError, KVCache, check_block_size
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .sampling import MAX_LOGPROBS, SamplingParams, batch_arrays
+from .scheduler import DecodeBatch, PrefillBatch, Scheduler, Sequence, Status
+from .steps import StepCompiler, StepOptions
+from .tokenizer import StreamDecoder
+
+log = logging.getLogger("qwen3_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """Engine settings, with vLLM's names. None picks the default described beside each field."""
+
+    max_model_len: int | None = None  # longest prompt + output; default: the config's max_position_embeddings
+    max_num_seqs: int = 256  # most sequences running at once (the largest decode batch)
+    max_num_batched_tokens: int = 2048  # token budget of one prefill step (chunked prefill)
+    block_size: int = 64  # positions per KV block (a power of two >= 16: one attention key tile)
+    num_blocks: int | None = None  # KV blocks in the pool; default: from gpu_memory_utilization on a GPU
+    gpu_memory_utilization: float = 0.9  # fraction of the device memory that weights + KV cache + steps may use
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
+    decode_steps: int = 8  # decode tokens per device call
+    precompile: bool = True  # compile every step bucket at start-up (else each on first use)
+
+    def __post_init__(self):
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"engine option {name} must be a positive integer, got {v!r}")
+
+        for name in ("max_num_seqs", "max_num_batched_tokens", "decode_steps"):
+            positive_int(name)
+        for name in ("max_model_len", "num_blocks"):
+            if getattr(self, name) is not None:
+                positive_int(name)
+        check_block_size(self.block_size)
+        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"engine option gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization!r}")
+
+
+def _buckets(limit: int, smallest: int) -> list[int]:
+    """Powers of two from `smallest` up to `limit`, and `limit` itself."""
+    out = [b for b in (2**i for i in range(31)) if smallest <= b < limit]
+    return out + [limit]
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A decode call queued on the device whose tokens the host has not read yet."""
+
+    batch: DecodeBatch
+    outputs: dict  # device arrays [B, K, ...]
+    positions: np.ndarray  # [B] the position each row was fed at
+    counts: np.ndarray  # [B] output tokens each row had at dispatch
+    stops: np.ndarray  # [B]
+    samp: dict
+    seeds: np.ndarray
+    opts: StepOptions
+
+
+class LLMEngine:
+    """Continuous batching for one loaded model (`Qwen3`). See the module docstring."""
+
+    def __init__(self, model, options: EngineOptions | None = None, **kwargs):
+        options = dataclasses.replace(options or EngineOptions(), **kwargs)
+        self.model, self.config = model, model.config
+        limit = self.config.max_position_embeddings
+        max_model_len = options.max_model_len or limit
+        if max_model_len > limit:
+            raise ValueError(f"max_model_len={max_model_len} is beyond the model's context of {limit} positions "
+                             "(max_position_embeddings in config.json)")
+        self.options = options = dataclasses.replace(options, max_model_len=max_model_len)
+        self.max_blocks_per_seq = -(-max_model_len // options.block_size)
+        self.lookahead = options.decode_steps  # positions one decode call may write past a sequence's end
+        self.max_prefill_seqs = min(options.max_num_seqs, max(1, options.max_num_batched_tokens // 16), 64)
+        self.decode_buckets = _buckets(options.max_num_seqs, 1)
+        self.prefill_buckets = _buckets(options.max_num_batched_tokens, min(64, options.max_num_batched_tokens))
+
+        num_blocks = options.num_blocks or self._blocks_for_memory()
+        self.cache = KVCache.init(self.config, num_blocks, options.block_size)
+        log.info("KV cache: %d blocks of %d positions (%d tokens, %.2f GiB)", num_blocks, options.block_size,
+                 num_blocks * options.block_size, self.cache.nbytes / 2**30)
+        self.blocks = BlockManager(num_blocks, options.block_size,
+                                   enable_prefix_caching=options.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=options.max_num_seqs,
+                                   max_num_batched_tokens=options.max_num_batched_tokens,
+                                   max_prefill_seqs=self.max_prefill_seqs, lookahead=self.lookahead)
+        self.steps = StepCompiler(self.config, model.kernels, options.decode_steps)
+        self.seqs: dict[str, Sequence] = {}
+        self._decoders: dict[str, StreamDecoder] = {}
+        self._texts: dict[str, str] = {}
+        self._inflight: _InFlight | None = None
+        self._ids = itertools.count()
+        self._rng = random.Random()
+        self.compile_s = self.compile_all() if options.precompile else 0.0
+
+    # ---- requests --------------------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt_token_ids: SequenceABC[int],
+                    params: SamplingParams | None = None) -> str:
+        """Queue a request (token ids); returns its id. Raises ValueError for a prompt the engine cannot run."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt = self._check_prompt(prompt_token_ids)
+        max_model_len = self.options.max_model_len
+        if len(prompt) >= max_model_len:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; max_model_len={max_model_len} leaves no room "
+                             "for a generated token")
+        max_len = min(len(prompt) + params.max_tokens, max_model_len)
+        need = self.blocks.blocks_needed(min(max_len + self.lookahead, self.max_blocks_per_seq * self.options.block_size))
+        if need > self.blocks.num_blocks:
+            raise CacheOverflowError(
+                f"request {request_id!r} needs up to {need} KV blocks ({len(prompt)} prompt tokens + "
+                f"max_tokens={params.max_tokens}) but the whole pool has {self.blocks.num_blocks} blocks of "
+                f"{self.options.block_size}; lower max_tokens or give the engine more blocks (num_blocks / "
+                "gpu_memory_utilization)")
+        stop = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop |= set(self.model.eos_token_ids)
+        seed = params.seed if params.seed is not None else self._rng.randrange(2**32)
+        seq = Sequence(request_id, prompt, params, seed, frozenset(stop), max_len)
+        if params.logprobs is not None:
+            seq.logprobs = []
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]
+        self.seqs[request_id] = seq
+        if self.model.tokenizer is not None:
+            self._decoders[request_id] = StreamDecoder(self.model.tokenizer, skip_special_tokens=True)
+            self._texts[request_id] = ""
+        self.scheduler.add(seq)
+        return request_id
+
+    def _check_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (SequenceABC, np.ndarray)):
+            raise TypeError(f"a prompt must be a list of token ids, got {type(prompt).__name__}")
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty: a prompt needs at least one token")
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+            bad = next(t for t in ids if not isinstance(t, (int, np.integer)) or isinstance(t, bool))
+            raise TypeError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})")
+        ids = [int(t) for t in ids]
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id(s) outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
+        return ids
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its blocks now; False if it is unknown or already finished."""
+        seq = self.seqs.get(str(request_id))
+        if seq is None or seq.finished:
+            return False
+        self.scheduler.finish(seq, "abort")
+        self._forget(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work() or self._inflight is not None
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams], *, use_tqdm: bool = False,
+                 on_output: Callable[[int, RequestOutput], None] | None = None) -> list[RequestOutput]:
+        """Run token prompts to completion (alongside any requests already queued) -> their final outputs, in
+        order. `on_output(i, output)` sees prompt i after every step that changed it. On an error or Ctrl-C the
+        prompts' requests are aborted, so the engine is left clean."""
+        added: list[str] = []
+        final: dict[str, RequestOutput] = {}
+        bar = None
+        try:
+            for p, sp in zip(prompts, params):
+                added.append(self.add_request(None, p, sp))
+            index = {rid: i for i, rid in enumerate(added)}
+            bar = _progress_bar(len(added)) if use_tqdm else None
+            while len(final) < len(added):
+                for out in self.step():
+                    if out.request_id not in index:
+                        continue
+                    if on_output is not None:
+                        on_output(index[out.request_id], out)
+                    if out.finished:
+                        final[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in added:
+                self.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [final[rid] for rid in added]
+
+    # ---- stepping --------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns an output for every request that got tokens or finished in it."""
+        changed: dict[str, Sequence] = {}
+        if self._inflight is not None:
+            done = self._inflight
+            self._inflight = self._continue_decode(done)  # queued before reading `done`: the device stays busy
+            self._finish_decode(done, changed)
+            if self._inflight is not None:
+                return self._outputs(changed)
+        batch = self.scheduler.schedule()
+        if isinstance(batch, PrefillBatch):
+            self._run_prefill(batch, changed)
+        elif isinstance(batch, DecodeBatch):
+            self._inflight = self._dispatch_decode(batch)
+        return self._outputs(changed)
+
+    def _outputs(self, changed: dict[str, Sequence]) -> list[RequestOutput]:
+        outs = [self._request_output(seq) for seq in changed.values()]
+        for seq in changed.values():
+            if seq.finished:
+                self._forget(seq)
+        return outs
+
+    def _forget(self, seq: Sequence) -> None:
+        self.seqs.pop(seq.request_id, None)
+        self._decoders.pop(seq.request_id, None)
+        self._texts.pop(seq.request_id, None)
+
+    # ---- prefill ---------------------------------------------------------------------------------------
+    def _run_prefill(self, batch: PrefillBatch, changed: dict) -> None:
+        n = batch.num_tokens
+        num_tokens = next(b for b in self.prefill_buckets if b >= n)
+        rows = self.max_prefill_seqs
+        tokens = np.zeros(num_tokens, np.int32)
+        positions = np.full(num_tokens, -1, np.int32)
+        targets = np.zeros(num_tokens, np.int32)
+        last = np.zeros(rows, np.int32)
+        seq_lens, tables, start = [], [], 0
+        for i, (seq, chunk) in enumerate(zip(batch.seqs, batch.chunks)):
+            ids = seq.token_ids
+            lo, hi = seq.num_computed_tokens, seq.num_computed_tokens + chunk
+            tokens[start:start + chunk] = ids[lo:hi]
+            positions[start:start + chunk] = np.arange(lo, hi)
+            nxt = ids[lo + 1:hi + 1]
+            targets[start:start + len(nxt)] = nxt
+            last[i] = start + chunk - 1
+            seq_lens.append(hi)
+            tables.append(seq.block_table)
+            start += chunk
+        meta = AttentionMetadata.for_prefill(tables, seq_lens, batch.chunks, block_size=self.options.block_size,
+                                             num_tokens=num_tokens, num_seqs=rows, max_blocks=self.max_blocks_per_seq)
+        opts = self._options(batch.seqs, prompt=True)
+        samp, seeds, counts = self._sampling_rows(batch.seqs, rows)
+        args = (self.model.params, self.cache, jnp.asarray(tokens), jnp.asarray(positions), meta, jnp.asarray(last),
+                jnp.asarray(targets), samp, seeds, counts)
+        out, self.cache = self.steps.get("prefill", opts, args)(*args)
+        out = jax.device_get(out)
+        now = time.monotonic()
+        start = 0
+        for i, (seq, chunk) in enumerate(zip(batch.seqs, batch.chunks)):
+            if seq.finished:  # aborted meanwhile
+                start += chunk
+                continue
+            lo = seq.num_computed_tokens
+            seq.num_computed_tokens += chunk
+            self.blocks.cache_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.block_hashes)
+            if seq.prompt_logprobs is not None and not seq.output_token_ids:
+                for j in range(chunk):
+                    if lo + j + 1 < len(seq.prompt_token_ids):
+                        seq.prompt_logprobs.append(_logprob_entry(
+                            int(targets[start + j]), out["prompt_logprob"][start + j],
+                            out["prompt_top_ids"][start + j], out["prompt_top_logprobs"][start + j],
+                            seq.params.prompt_logprobs))
+            if not seq.prefilling and not seq.output_token_ids:  # the prompt is in: its first token
+                seq.first_token_time = now
+                self._append(seq, int(out["tokens"][i]), out, (i,))
+                changed[seq.request_id] = seq
+            start += chunk
+
+    # ---- decode ----------------------------------------------------------------------------------------
+    def _dispatch_decode(self, batch: DecodeBatch, tokens=None, positions=None, counts=None, prev=None) -> _InFlight:
+        rows = next(b for b in self.decode_buckets if b >= len(batch.seqs))
+        n = len(batch.seqs)
+        if prev is None:
+            positions = np.full(rows, -1, np.int32)
+            positions[:n] = [s.num_tokens - 1 for s in batch.seqs]
+            counts = np.zeros(rows, np.int32)
+            counts[:n] = [len(s.output_token_ids) for s in batch.seqs]
+            feed = np.zeros(rows, np.int32)
+            feed[:n] = [s.output_token_ids[-1] for s in batch.seqs]
+            tokens = jnp.asarray(feed)
+            stops = np.zeros(rows, np.int32)
+            stops[:n] = [s.max_len - 1 for s in batch.seqs]
+            opts = self._options(batch.seqs, prompt=False)
+            samp, seeds, _ = self._sampling_rows(batch.seqs, rows)
+        else:
+            stops, opts, samp, seeds = prev.stops, prev.opts, prev.samp, prev.seeds
+        tables = np.zeros((rows, self.max_blocks_per_seq), np.int32)
+        for i, s in enumerate(batch.seqs):
+            tables[i, :len(s.block_table)] = s.block_table
+        args = (self.model.params, self.cache, tokens, jnp.asarray(positions), jnp.asarray(stops),
+                jnp.asarray(tables), samp, seeds, jnp.asarray(counts))
+        outputs, self.cache = self.steps.get("decode", opts, args)(*args)
+        return _InFlight(batch, outputs, positions, counts, stops, samp, seeds, opts)
+
+    def _continue_decode(self, done: _InFlight) -> _InFlight | None:
+        """Queue the next decode call for the same batch before `done` is read, if nothing else could run now
+        and every row has blocks for it; else None (the host reads `done` and schedules afresh)."""
+        sched = self.scheduler
+        if sched.can_admit_next() or any(s.prefilling for s in sched.running):
+            return None
+        seqs = done.batch.seqs
+        if any(s.finished for s in seqs) or len(seqs) != len(sched.running):
+            return None
+        k = self.options.decode_steps
+        positions = np.where(done.positions >= 0, done.positions + k, -1).astype(np.int32)
+        targets = [min(int(p) + k, s.max_len) for s, p in zip(seqs, positions)]  # blocks for this call's positions
+        need = sum(max(self.blocks.blocks_needed(t) - len(s.block_table), 0) for s, t in zip(seqs, targets))
+        if need > self.blocks.num_free_blocks:
+            return None
+        for s, t in zip(seqs, targets):
+            self.blocks.grow(s.block_table, t)
+        return self._dispatch_decode(done.batch, done.outputs["tokens"][:, -1], positions, done.counts + k, done)
+
+    def _finish_decode(self, done: _InFlight, changed: dict) -> None:
+        out = jax.device_get(done.outputs)
+        k = self.options.decode_steps
+        for i, seq in enumerate(done.batch.seqs):
+            if seq.finished:
+                continue  # aborted, or finished in the call before this one
+            for j in range(k):
+                if done.positions[i] + j >= done.stops[i] or seq.finished:
+                    break
+                seq.num_computed_tokens += 1  # the token fed at this step is now in the cache
+                self._append(seq, int(out["tokens"][i, j]), out, (i, j))
+                changed[seq.request_id] = seq
+            if not seq.finished:
+                self.blocks.cache_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens,
+                                              seq.block_hashes)
+
+    def _append(self, seq: Sequence, token: int, out: dict, index: tuple) -> None:
+        """A new token for `seq`; finishes it on a stop token or at its length limit."""
+        seq.output_token_ids.append(token)
+        if seq.logprobs is not None:
+            seq.logprobs.append(_logprob_entry(token, out["logprob"][index], out["top_ids"][index],
+                                               out["top_logprobs"][index], seq.params.logprobs))
+        decoder = self._decoders.get(seq.request_id)
+        if decoder is not None:
+            self._texts[seq.request_id] += decoder.add([token])
+        if token in seq.stop_ids:
+            self.scheduler.finish(seq, "stop")
+        elif seq.num_tokens >= seq.max_len:
+            self.scheduler.finish(seq, "length")
+        if seq.finished and decoder is not None:
+            self._texts[seq.request_id] += decoder.flush()
+
+    # ---- helpers ---------------------------------------------------------------------------------------
+    def _options(self, seqs, *, prompt: bool) -> StepOptions:
+        return StepOptions(greedy=all(s.params.greedy for s in seqs),
+                           logprobs=any(s.logprobs is not None for s in seqs),
+                           prompt_logprobs=prompt and any(s.prompt_logprobs is not None and not s.output_token_ids
+                                                          for s in seqs))
+
+    @staticmethod
+    def _sampling_rows(seqs, rows: int):
+        samp = {k: jnp.asarray(v) for k, v in batch_arrays([s.params for s in seqs], rows).items()}
+        seeds = np.zeros(rows, np.uint32)
+        seeds[:len(seqs)] = [s.seed for s in seqs]
+        counts = np.zeros(rows, np.int32)
+        counts[:len(seqs)] = [len(s.output_token_ids) for s in seqs]
+        return samp, jnp.asarray(seeds), jnp.asarray(counts)
+
+    def _request_output(self, seq: Sequence) -> RequestOutput:
+        text = self._texts.get(seq.request_id)
+        completion = CompletionOutput(0, text, list(seq.output_token_ids), seq.finish_reason,
+                                      list(seq.logprobs) if seq.logprobs is not None else None)
+        metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finished_time, seq.num_cached_tokens,
+                                 seq.num_preemptions)
+        return RequestOutput(seq.request_id, list(seq.prompt_token_ids), [completion], seq.finished,
+                             list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None, metrics)
+
+    def stats(self) -> dict:
+        """Counters for logs and metrics: requests, blocks, prefix-cache hit rate, preemptions."""
+        b = self.blocks
+        return {"running": self.num_running, "waiting": self.num_waiting, "blocks_total": b.num_blocks,
+                "blocks_free": b.num_free_blocks, "blocks_cached": b.num_cached_blocks,
+                "prefix_cache_hit_rate": b.hits / b.queries if b.queries else 0.0,
+                "preemptions": self.scheduler.num_preemptions}
+
+    # ---- start-up --------------------------------------------------------------------------------------
+    def compile_all(self) -> float:
+        """Compile the prefill and decode steps of every bucket (greedy and sampled) now; returns seconds."""
+        jobs = []
+        for greedy in (True, False):
+            opts = StepOptions(greedy=greedy)
+            jobs += [("prefill", opts, self._prefill_shapes(n)) for n in self.prefill_buckets]
+            jobs += [("decode", opts, self._decode_shapes(b)) for b in self.decode_buckets]
+        return self.steps.compile_all(jobs)
+
+    def _prefill_shapes(self, num_tokens: int) -> tuple:
+        rows, i32 = self.max_prefill_seqs, np.int32
+        meta = AttentionMetadata(_spec((rows, self.max_blocks_per_seq), i32), _spec((rows,), i32),
+                                 _spec((rows + 1,), i32), _spec((num_tokens,), i32), decode=False)
+        return (self.model.params, self.cache, _spec((num_tokens,), i32), _spec((num_tokens,), i32), meta,
+                _spec((rows,), i32), _spec((num_tokens,), i32), *self._sampling_shapes(rows))
+
+    def _decode_shapes(self, rows: int) -> tuple:
+        i32 = np.int32
+        return (self.model.params, self.cache, _spec((rows,), i32), _spec((rows,), i32), _spec((rows,), i32),
+                _spec((rows, self.max_blocks_per_seq), i32), *self._sampling_shapes(rows))
+
+    @staticmethod
+    def _sampling_shapes(rows: int) -> tuple:
+        samp = {k: _spec(v.shape, v.dtype) for k, v in batch_arrays([], rows).items()}
+        return samp, _spec((rows,), np.uint32), _spec((rows,), np.int32)
+
+    def _blocks_for_memory(self) -> int:
+        """Blocks that fit in gpu_memory_utilization of the device after the weights and a reserve for the
+        steps' activations; without memory statistics (CPU), enough for max_num_seqs x 1,024 positions."""
+        per_block = KVCache.bytes_per_block(self.config, self.options.block_size)
+        stats = jax.local_devices()[0].memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        if not limit:
+            tokens = min(self.options.max_model_len, 1024) * min(self.options.max_num_seqs, 16)
+            return max(self.blocks_needed_for(tokens), self.max_blocks_per_seq + 2)
+        used = stats.get("bytes_in_use", 0)
+        budget = limit * self.options.gpu_memory_utilization - used - self._activation_reserve()
+        blocks = int(budget // per_block)
+        if blocks < 2:
+            raise CacheOverflowError(
+                f"no device memory left for the KV cache: {limit / 2**30:.1f} GiB usable x "
+                f"gpu_memory_utilization={self.options.gpu_memory_utilization} - {used / 2**30:.1f} GiB in use "
+                f"(weights) - {self._activation_reserve() / 2**30:.1f} GiB for activations; raise "
+                "gpu_memory_utilization, lower max_num_batched_tokens, or pass num_blocks")
+        return blocks
+
+    def blocks_needed_for(self, tokens: int) -> int:
+        return -(-tokens // self.options.block_size)
+
+    def _activation_reserve(self) -> int:
+        """A generous bound on one step's temporaries: the largest prefill's hidden states, projections and MLP
+        in f32, the sampled rows' logits and sort buffers, and 512 MiB of slack."""
+        c = self.config
+        n = self.options.max_num_batched_tokens
+        width = 4 * c.hidden_size + 2 * c.intermediate_size + c.q_size + 2 * c.kv_size
+        rows = max(self.options.max_num_seqs, self.max_prefill_seqs)
+        return int(4 * n * width * 2 + 4 * rows * c.vocab_size * 6 + 512 * 2**20)
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="requests", unit="req")
+
+
+def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+def _logprob_entry(token: int, chosen, top_ids, top_values, k: int) -> dict[int, float]:
+    """{token id: log-probability} for the chosen token and the k most likely, the chosen one first."""
+    entry = {token: float(chosen)}
+    for t, v in zip(top_ids[:k].tolist(), top_values[:k].tolist()):
+        entry.setdefault(int(t), float(v))
+    if not math.isfinite(entry[token]):
+        entry[token] = float("-inf")
+    return entry
+
+
+__all__ = ["EngineOptions", "LLMEngine", "Status"]

@@ -1,0 +1,157 @@
+"""The engine's device steps: `prefill_step` and `decode_step`, jitted with the config static and the KV cache
+donated, and compiled once per shape bucket (`StepCompiler`).
+
+A prefill step runs a flat batch of prompt chunks and samples one token for each sequence (used where the chunk
+completes the prompt). A decode step runs `num_steps` tokens for every row in one device loop (no host round trip
+between tokens), each row stopping at its own `stops` position. Both can also return the log-probabilities of the
+chosen tokens and the top `MAX_LOGPROBS`, and a prefill step those of the prompt's tokens.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+
+from .config import Qwen3Config
+from .kv_cache import AttentionMetadata, KVCache
+from .model import forward
+from .ops import Kernels
+from .sampling import MAX_LOGPROBS, request_keys, sample, token_logprobs
+
+log = logging.getLogger("qwen3_jax")
+# XLA may otherwise skip a bf16 rounding between fused ops ("excess precision"); torch rounds after every op, and
+# so must we to produce HF's exact tokens.
+EXACT_ROUNDING = {"xla_allow_excess_precision": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """What changes a step's program (each combination is its own executable)."""
+
+    greedy: bool = True  # every row greedy: argmax only, no sort over the vocabulary
+    logprobs: bool = False  # log-probabilities of the sampled tokens (and the top MAX_LOGPROBS)
+    prompt_logprobs: bool = False  # prefill: log-probabilities of every prompt token (logits for all tokens)
+
+
+def _sample_rows(logits, samp, seeds, counts, opts: StepOptions) -> dict:
+    tokens = sample(logits, None if opts.greedy else request_keys(seeds, counts), None if opts.greedy else samp)
+    out = {"tokens": tokens}
+    if opts.logprobs:
+        out["logprob"], out["top_ids"], out["top_logprobs"] = token_logprobs(logits, tokens, MAX_LOGPROBS)
+    return out
+
+
+def prefill_step(params, cache: KVCache, tokens, positions, meta: AttentionMetadata, logits_indices, targets, samp,
+                 seeds, counts, *, config: Qwen3Config, kernels: Kernels, opts: StepOptions):
+    """Prompt chunks, tokens [N] at positions [N] as `meta` lays them out -> (outputs, cache). outputs["tokens"]
+    [S] is sampled from the logits at each sequence's last token (`logits_indices` [S]); with prompt logprobs,
+    outputs["prompt_*"] [N] score `targets` [N] (each token's successor) at every token."""
+    if opts.prompt_logprobs:
+        logits, cache = forward(params, tokens, positions, cache, meta, config=config, kernels=kernels)  # [N, V]
+        out = _sample_rows(logits[logits_indices], samp, seeds, counts, opts)
+        chosen, ids, values = token_logprobs(logits, targets, MAX_LOGPROBS)
+        out.update(prompt_logprob=chosen, prompt_top_ids=ids, prompt_top_logprobs=values)
+        return out, cache
+    logits, cache = forward(params, tokens, positions, cache, meta, config=config, kernels=kernels,
+                            logits_indices=logits_indices)  # [S, V]
+    return _sample_rows(logits, samp, seeds, counts, opts), cache
+
+
+def decode_step(params, cache: KVCache, tokens, positions, stops, block_tables, samp, seeds, counts, *,
+                config: Qwen3Config, kernels: Kernels, opts: StepOptions, num_steps: int):
+    """`num_steps` decode steps for rows fed tokens [B] at positions [B] -> (outputs [B, num_steps] per key,
+    cache). Row b computes positions up to stops[b] - 1 (stops 0: a padding row); later steps of a row that has
+    stopped write nothing and their tokens are junk the host drops. Step i draws token counts[b] + i."""
+    batch = tokens.shape[0]
+    meta = AttentionMetadata(block_tables, jnp.zeros((batch,), jnp.int32), jnp.arange(batch + 1, dtype=jnp.int32),
+                             jnp.full((batch,), -1, jnp.int32), decode=True)
+    shapes = jax.eval_shape(lambda lg: _sample_rows(lg, samp, seeds, counts, opts),
+                            jax.ShapeDtypeStruct((batch, config.vocab_size), jnp.float32))
+    outs = {k: jnp.zeros((batch, num_steps) + v.shape[1:], v.dtype) for k, v in shapes.items()}
+
+    def body(i, carry):
+        tok, cache, outs = carry
+        pos = jnp.where(positions + i < stops, positions + i, -1)  # -1: this row computes nothing
+        logits, cache = forward(params, tok, pos, cache, meta, config=config, kernels=kernels)  # [B, V]
+        new = _sample_rows(logits, samp, seeds, counts + i, opts)
+        outs = {k: outs[k].at[:, i].set(new[k]) for k in outs}
+        return new["tokens"], cache, outs
+
+    _, cache, outs = jax.lax.fori_loop(0, num_steps, body, (tokens, cache, outs))
+    return outs, cache
+
+
+class StepCompiler:
+    """Compiled prefill and decode executables, one per (shape bucket, StepOptions); `compile_all` builds a set
+    of them concurrently (XLA compiles in parallel threads) before serving."""
+
+    def __init__(self, config: Qwen3Config, kernels: Kernels, num_steps: int):
+        self.config, self.kernels, self.num_steps = config, kernels, num_steps
+        self._compiled: dict = {}
+        self.compile_seconds = 0.0  # spent compiling so far, at start-up and on first use
+
+    def _jit(self, kind: str, opts: StepOptions):
+        fn = prefill_step if kind == "prefill" else functools.partial(decode_step, num_steps=self.num_steps)
+        return jax.jit(functools.partial(fn, config=self.config, kernels=self.kernels, opts=opts),
+                       donate_argnames="cache")
+
+    def get(self, kind: str, opts: StepOptions, args: tuple):
+        """The executable for these arguments' shapes (compiled now, with a log line, if it is not yet)."""
+        key = (kind, opts, _signature(args))
+        if key not in self._compiled:
+            log.info("compiling %s step %s for %s (not compiled at start-up) ...", kind, _describe(opts),
+                     _bucket(kind, args))
+            self._compiled[key] = self._compile(kind, opts, args)
+        return self._compiled[key]
+
+    def compile_all(self, jobs: list[tuple[str, StepOptions, tuple]], *, progress: bool = True) -> float:
+        """Compile every (kind, options, abstract args) job not compiled yet; returns the seconds it took."""
+        todo = [(k, o, a) for k, o, a in jobs if (k, o, _signature(a)) not in self._compiled]
+        if not todo:
+            return 0.0
+        t0 = time.perf_counter()
+        log.info("compiling %d step executables (prefill and decode buckets) ...", len(todo))
+        bar = _progress_bar(len(todo)) if progress else None
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
+            futures = {pool.submit(self._compile, k, o, a): (k, o, _signature(a)) for k, o, a in todo}
+            for fut in concurrent.futures.as_completed(futures):
+                self._compiled[futures[fut]] = fut.result()
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        log.info("compiled %d step executables in %.1f s", len(todo), seconds)
+        return seconds
+
+    def _compile(self, kind: str, opts: StepOptions, args: tuple):
+        t0 = time.perf_counter()
+        compiled = self._jit(kind, opts).lower(*args).compile(compiler_options=EXACT_ROUNDING)
+        self.compile_seconds += time.perf_counter() - t0  # (summed over threads: CPU-seconds at start-up)
+        return compiled
+
+
+def _signature(args) -> tuple:
+    return tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args))
+
+
+def _bucket(kind: str, args) -> str:
+    tokens = args[2]
+    return f"{tokens.shape[0]} tokens" if kind == "prefill" else f"batch {tokens.shape[0]}"
+
+
+def _describe(opts: StepOptions) -> str:
+    parts = ["greedy" if opts.greedy else "sampled"] + [n for n in ("logprobs", "prompt_logprobs") if getattr(opts, n)]
+    return "(" + ", ".join(parts) + ")"
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="compiling steps", unit="step", leave=False)
