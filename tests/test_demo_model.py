@@ -81,8 +81,7 @@ def test_greedy_tokens_identical_to_hf_f32():
     hf = load_hf_model(q.DEMO_MODEL_DIR, "float32")
     prompts = [model.tokenizer.encode(model.chat_prompt(c, enable_thinking=t)) for c, _ in CASES[:4]
                for t in (False, True)]
-    ours, _ = q.generate_tokens(model.config, model.params, prompts, max_new_tokens=40,
-                                eos_token_ids=model.eos_token_ids)
+    ours = q.generate(model, prompts, max_new_tokens=40, sampling=q.SamplingParams(temperature=0)).tokens
     for ids, got in zip(prompts, ours):
         assert got == _hf_greedy(hf, ids, 40)
 
@@ -93,7 +92,6 @@ def test_greedy_tokens_match_hf_bf16_on_gpu():
     model = q.load(q.DEMO_MODEL_DIR, dtype="bfloat16", kernels="pallas")
     hf = load_hf_model(q.DEMO_MODEL_DIR, "bfloat16").to("cuda")
     prompts = [model.tokenizer.encode(model.chat_prompt(c, enable_thinking=True)) for c, _ in CASES]
-    ours, _ = q.generate_tokens(model.config, model.params, prompts, max_new_tokens=20, kernels=model.kernels,
-                                eos_token_ids=model.eos_token_ids)
+    ours = q.generate(model, prompts, max_new_tokens=20, sampling=q.SamplingParams(temperature=0)).tokens
     same = [got == _hf_greedy(hf, ids, 20, "cuda")[: len(got)] for ids, got in zip(prompts, ours)]
     assert np.mean(same) >= 0.9, same

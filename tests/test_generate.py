@@ -1,10 +1,9 @@
-"""Generation: greedy parity with HF `generate`, ragged batches, EOS, streaming, sampling, the CLI and bad input."""
+"""`generate` on the engine: greedy parity with HF `generate`, ragged batches, stops, streaming, sampling, the CLI
+and bad input."""
 
 import importlib.util
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -31,6 +30,14 @@ def prompts(model, lengths, seed=0):
     return [rng.integers(0, model.config.vocab_size, n).tolist() for n in lengths]
 
 
+GREEDY = q.SamplingParams(temperature=0, ignore_eos=True)
+
+
+def gen(model, batch, max_new_tokens, sampling=GREEDY):
+    out = q.generate(model, batch, max_new_tokens=max_new_tokens, sampling=sampling)
+    return out.tokens, out.stats
+
+
 def test_greedy_32_tokens_identical_to_hf_generate(ckpt, model):
     hf = load_hf_model(ckpt, "float32")
     for prompt in prompts(model, [5, 23], seed=1):
@@ -38,24 +45,24 @@ def test_greedy_32_tokens_identical_to_hf_generate(ckpt, model):
             ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                               max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None,
                               pad_token_id=0)
-        tokens, stats = q.generate_tokens(model.config, model.params, [prompt], max_new_tokens=32)
+        tokens, stats = gen(model, [prompt], 32)
         assert tokens[0] == ref[0, len(prompt):].tolist()
         assert stats.new_tokens == 32 and stats.prompt_tokens == len(prompt)
 
 
 def test_ragged_batch_equals_each_prompt_alone(model):
     batch = prompts(model, [3, 17, 9], seed=2)
-    together, _ = q.generate_tokens(model.config, model.params, batch, max_new_tokens=12)
+    together, _ = gen(model, batch, 12)
     for prompt, got in zip(batch, together):
-        alone, _ = q.generate_tokens(model.config, model.params, [prompt], max_new_tokens=12)
+        alone, _ = gen(model, [prompt], 12)
         assert got == alone[0]
 
 
 def test_stops_at_eos_per_row(model):
     batch = prompts(model, [4, 6], seed=3)
-    free, _ = q.generate_tokens(model.config, model.params, batch, max_new_tokens=10)
-    eos = free[0][3]  # make row 0's fourth token an EOS id
-    stopped, _ = q.generate_tokens(model.config, model.params, batch, max_new_tokens=10, eos_token_ids=[eos])
+    free, _ = gen(model, batch, 10)
+    eos = free[0][3]  # make row 0's fourth token a stop id
+    stopped, _ = gen(model, batch, 10, q.SamplingParams(temperature=0, ignore_eos=True, stop_token_ids=[eos]))
     assert stopped[0] == free[0][: free[0].index(eos) + 1]
     assert stopped[1] == free[1][: free[1].index(eos) + 1] if eos in free[1] else stopped[1] == free[1]
 
@@ -79,35 +86,36 @@ def test_sampling_same_seed_same_tokens_and_defaults_from_generation_config(mode
     assert model.default_sampling() == q.SamplingParams(temperature=0.6, top_k=20, top_p=0.95)
     p = prompts(model, [7], seed=4)
     s = q.SamplingParams(temperature=1.0, top_k=40, seed=11)
-    a, _ = q.generate_tokens(model.config, model.params, p, max_new_tokens=16, sampling=s)
-    b, _ = q.generate_tokens(model.config, model.params, p, max_new_tokens=16, sampling=s)
-    c, _ = q.generate_tokens(model.config, model.params, p, max_new_tokens=16,
-                             sampling=q.SamplingParams(temperature=1.0, top_k=40, seed=12))
+    a, _ = gen(model, p, 16, s)
+    b, _ = gen(model, p + prompts(model, [3, 9], seed=5), 16, s)  # other requests beside it change nothing
+    c, _ = gen(model, p, 16, q.SamplingParams(temperature=1.0, top_k=40, seed=12))
+    a, b, c = a[0], b[0], c[0]
     assert a == b and a != c
 
 
+def test_stats_count_delivered_tokens(model):
+    batch = prompts(model, [4, 6], seed=3)
+    free, _ = gen(model, batch, 10)
+    eos = free[0][2]
+    tokens, stats = gen(model, batch, 10, q.SamplingParams(temperature=0, stop_token_ids=[eos]))
+    assert stats.new_tokens == sum(len(t) for t in tokens) < 20
+    assert stats.decode_tokens == stats.new_tokens - 2
+    assert stats.prompt_tokens == 10
+
+
 def test_bad_requests_are_named(model):
-    cfg, params = model.config, model.params
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
-        q.generate_tokens(cfg, params, [[1, 2], []], max_new_tokens=4)
-    with pytest.raises(ValueError, match=r"prompt 0 has token id\(s\) outside the vocabulary \[0, 512\): \[512\]"):
-        q.generate_tokens(cfg, params, [[1, 512]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        q.generate(model, [[1, 2], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"token id\(s\) outside the vocabulary \[0, 512\): \[512\]"):
+        q.generate(model, [[1, 512]], max_new_tokens=4)
     with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
-        q.generate_tokens(cfg, params, [[1]], max_new_tokens=0)
+        q.generate(model, [[1]], max_new_tokens=0)
     with pytest.raises(ValueError, match=r"prompt 0 has 2040 tokens; with max_new_tokens=16 that is 2056 positions, "
                                          r"beyond the model's context of 2048"):
-        q.generate_tokens(cfg, params, [[1] * 2040], max_new_tokens=16)
+        q.generate(model, [[1] * 2040], max_new_tokens=16)
     with pytest.raises(ValueError, match="no prompts given"):
-        q.generate_tokens(cfg, params, [], max_new_tokens=4)
-
-
-def test_cache_overflow_is_an_error_before_the_step(model):
-    cache = q.KVCache.init(model.config, 1, 64)
-    cache.check_fits(64)
-    with pytest.raises(q.CacheOverflowError, match="needs 65 cache positions but the KV cache holds max_len=64"):
-        cache.check_fits(65)
-    with pytest.raises(q.CacheOverflowError, match="max_len=64"):
-        q.generate_tokens(model.config, model.params, [[1] * 60], max_new_tokens=8, max_len=64)
+        q.generate(model, [], max_new_tokens=4)
+    assert gen(model, [[1, 2]], 2)[0][0]  # and the engine still serves
 
 
 def _cli():
@@ -135,19 +143,12 @@ def test_cli_reports_bad_input_without_traceback(ckpt, tmp_path, capsys):
     assert "empty prompt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("chunk", [1, 4])
-def test_decode_chunk_updates_the_cache_in_place(model, chunk):
-    from qwen3_jax.generate import _Steps
-
-    cache = q.KVCache.init(model.config, 2, 64)
-    steps = _Steps(model.config, model.kernels, True, chunk)
-    lengths = jnp.asarray([3, 5], jnp.int32)
-    args = (model.params, lengths, lengths, cache, jax.random.key(0), jnp.int32(0),
-            q.SamplingParams().as_arrays())
-    compiled = steps.compiled("decode", *args)
-    assert compiled.memory_analysis().alias_size_in_bytes == cache.nbytes
-    block, _, _ = compiled(*args)
-    assert block.shape == (2, chunk)
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_decode_steps_per_call_do_not_change_tokens(model, chunk):
+    batch = prompts(model, [5, 11], seed=6)
+    base, _ = gen(model, batch, 9)
+    out = q.generate(model, batch, max_new_tokens=9, sampling=GREEDY, chunk=chunk)
+    assert out.tokens == base
 
 
 def test_load_names_a_broken_generation_config_before_reading_weights(ckpt, tmp_path):

@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from qwen3_jax.sampling import SamplingParams, filter_logits, sample
+from qwen3_jax.sampling import SamplingParams, batch_arrays, filter_logits, request_keys, sample, token_logprobs
 
 
 def hf_filter(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
@@ -48,8 +48,11 @@ def test_filter_matches_hf_warpers(params):
 
 
 def _draws(logits, params, n=64):
-    keys = jax.random.split(jax.random.key(params.seed), n)
-    return np.stack([np.asarray(sample(logits, k, params.as_arrays())) for k in keys])
+    rows = logits.shape[0]
+    seeds = jnp.full((rows,), params.seed or 0, jnp.uint32)
+    s = batch_arrays([params] * rows, rows)
+    return np.stack([np.asarray(sample(logits, request_keys(seeds, jnp.full((rows,), i, jnp.int32)), s))
+                     for i in range(n)])
 
 
 def test_same_seed_same_tokens_and_filtered_tokens_never_appear():
@@ -65,7 +68,7 @@ def test_same_seed_same_tokens_and_filtered_tokens_never_appear():
 
 def test_top_k_one_is_greedy():
     logits = jax.random.normal(jax.random.key(2), (5, 1000))
-    greedy = np.asarray(sample(logits, jax.random.key(0), None))
+    greedy = np.asarray(sample(logits, None, None))
     draws = _draws(logits, SamplingParams(temperature=0.8, top_k=1), n=8)
     assert (draws == greedy[None]).all()
 
@@ -79,6 +82,15 @@ def test_top_k_one_is_greedy():
     ({"min_p": -0.2}, "min_p"),
     ({"min_p": 2}, "min_p"),
     ({"seed": "x"}, "seed"),
+    ({"seed": -1}, "seed"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 2.5}, "max_tokens"),
+    ({"stop_token_ids": "12"}, "stop_token_ids"),
+    ({"stop_token_ids": [1, -2]}, "stop_token_ids"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"ignore_eos": "yes"}, "ignore_eos"),
+    ({"temperature": float("nan")}, "temperature"),
 ])
 def test_invalid_sampling_values_are_named(kwargs, match):
     with pytest.raises(ValueError, match=f"invalid sampling value {match}"):
@@ -90,3 +102,28 @@ def test_generation_config_defaults_like_hf():
     assert SamplingParams.from_generation_config(gen) == SamplingParams(temperature=0.6, top_k=20, top_p=0.95)
     assert SamplingParams.from_generation_config({}).greedy
     assert SamplingParams.from_generation_config(gen, temperature=0.0, top_k=None).greedy
+
+
+def test_each_row_uses_its_own_values_and_greedy_rows_take_the_argmax():
+    logits = jax.random.normal(jax.random.key(4), (3, 50)) * 3
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=2, seed=1),
+              SamplingParams(temperature=0.5, top_p=0.3, seed=2)]
+    s = batch_arrays(params, 3)
+    for row, p in enumerate(params[1:], start=1):
+        one = np.asarray(filter_logits(logits[row:row + 1], p.as_arrays()))
+        np.testing.assert_array_equal(np.asarray(filter_logits(logits, s))[row], one[0])
+    seeds, argmax = jnp.asarray([0, 1, 2], jnp.uint32), np.asarray(jnp.argmax(logits, -1))
+    for i in range(8):
+        drawn = np.asarray(sample(logits, request_keys(seeds, jnp.full((3,), i, jnp.int32)), s))
+        assert drawn[0] == argmax[0]
+        assert drawn[1] in np.argsort(-np.asarray(logits[1]))[:2]
+
+
+def test_token_logprobs_are_log_softmax():
+    logits = jax.random.normal(jax.random.key(5), (2, 40)) * 4
+    tokens = jnp.asarray([3, 17])
+    chosen, ids, values = token_logprobs(logits, tokens, 5)
+    ref = torch.log_softmax(torch.from_numpy(np.asarray(logits, np.float64)), -1).numpy()
+    np.testing.assert_allclose(np.asarray(chosen), ref[[0, 1], [3, 17]], rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(ids), np.argsort(-ref, -1)[:, :5])
+    np.testing.assert_allclose(np.asarray(values), np.sort(ref, -1)[:, ::-1][:, :5], rtol=1e-5)
