@@ -21,8 +21,9 @@ step, which transformers' `generate` does itself for a static cache; its prefill
 run all their workloads first, before torch runs a kernel in the process (after that, JAX's small-kernel decode
 steps measured ~10% slower in the same process), then HF eager, then hf-compile.
 Decode: greedy, no early stop, random prompt ids; tok/s = batch x decode steps / decode time (prefill excluded).
-Prefill: batch 1, time to first token. Limits are measured in the same run: decode against (weights + KV bytes
-read per step) / device copy bandwidth, prefill against FLOPs / bf16 matmul FLOP/s.
+Prefill: batch 1, time to first token. Limits are measured in the same run, after the JAX rows, by the harness
+benchmark_kernels.py shares (bench_harness.py): decode against (weights + KV bytes read per step) / device copy
+bandwidth, prefill against FLOPs / bf16 matmul FLOP/s.
 """
 
 from __future__ import annotations
@@ -33,18 +34,15 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax: t
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import datetime  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import shlex  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # run from a checkout without installing; the harness beside us
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -56,6 +54,10 @@ from qwen3_jax.kv_cache import KVCache  # noqa: E402
 from qwen3_jax.ops import Kernels  # noqa: E402
 from qwen3_jax.sampling import SamplingParams  # noqa: E402
 from qwen3_jax.weights import _hf_shapes, random_params, weight_table  # noqa: E402
+
+from bench_harness import (  # noqa: E402
+    append_markdown, ceilings_text, command_line, elapsed_s, error_text, fmt, fmt_frac, limit_frac, log,
+    measure_ceilings, run_meta, time_calls, write_json)
 
 # The released Qwen3 dense checkpoints' config.json shapes (all: rms_norm_eps 1e-6, rope_theta 1e6, 40960 positions).
 _SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -72,11 +74,6 @@ PRESETS = {
 ENGINES = ("jax-pallas", "jax-xla", "hf-eager", "hf-compile")  # also the run order: JAX before torch
 PALLAS_OPS = tuple(f.name for f in dataclasses.fields(Kernels) if f.name != "interpret")
 GREEDY = SamplingParams.greedy_decoding()
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,10 +116,10 @@ def kv_bytes(config: Qwen3Config, batch: int, positions: float) -> float:
     return batch * positions * per_position
 
 
-def decode_floor_s(config: Qwen3Config, batch: int, prompt: int, steps: int, copy_bw: float) -> float:
-    """Fewest seconds per decode step: weights + the KV read at the mean context, at the measured copy bandwidth."""
+def decode_bytes_per_step(config: Qwen3Config, batch: int, prompt: int, steps: int) -> float:
+    """Fewest bytes a decode step reads: the weights + the KV cache at the mean context of `steps` steps."""
     mean_keys = prompt + (steps + 1) / 2  # decode step j (0..steps-1) attends prompt + j + 1 keys
-    return (weight_bytes_per_step(config) + kv_bytes(config, batch, mean_keys)) / copy_bw
+    return weight_bytes_per_step(config) + kv_bytes(config, batch, mean_keys)
 
 
 def prefill_flops(config: Qwen3Config, tokens: int) -> float:
@@ -135,42 +132,6 @@ def prefill_flops(config: Qwen3Config, tokens: int) -> float:
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
-
-
-# ---- ceilings -------------------------------------------------------------------------------------------------
-def _timeit(fn, reps: int, sync) -> float:
-    """Median seconds of fn() over `reps` calls, after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def measure_ceilings(device: str, quick: bool) -> dict:
-    """Device copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s, measured with torch."""
-    import torch
-
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    big = device == "cuda" and not quick
-    n_copy = (1 << 30) if big else (1 << 24)  # bf16 elements: 2 GiB on the GPU
-    x = torch.randn(n_copy, device=device, dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    copy_s = _timeit(lambda: y.copy_(x), 20, sync)
-    del x, y
-    n = 8192 if device == "cuda" else 512
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    mm_s = _timeit(lambda: a @ b, 20, sync)
-    del a, b
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return {"copy_bytes_per_s": 2 * n_copy * 2 / copy_s, "copy_gib": n_copy * 2 / 2**30,
-            "matmul_flops_per_s": 2 * n**3 / mm_s, "matmul_n": n}
 
 
 # ---- profile --------------------------------------------------------------------------------------------------
@@ -398,13 +359,11 @@ class HFEngine:
             raise RuntimeError(f"generate returned shape {tuple(out.shape)}, expected {want} (stopped early?)")
         return stamp["t"] - t0, t1 - stamp["t"]
 
-    def _prefill(self, ids) -> float:
-        self.sync()
-        t0 = time.perf_counter()
+    def _prefill(self, ids):
+        """The first token of each row, on the host (so the call has finished when it returns)."""
         with self.torch.inference_mode():
             logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
-            logits[:, -1].argmax(-1).cpu()
-        return time.perf_counter() - t0
+            return logits[:, -1].argmax(-1).cpu()
 
     def run(self, w: Workload, ids: np.ndarray, reps: int, cap_s: float) -> dict:
         torch = self.torch
@@ -414,10 +373,9 @@ class HFEngine:
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         row = {}
         if w.kind == "prefill":
-            t = time.perf_counter()
-            self._prefill(ids)
-            row["warmup_s"] = time.perf_counter() - t
-            times = [self._prefill(ids) for _ in range(reps)]
+            self.sync()
+            row["warmup_s"] = time_calls(lambda: self._prefill(ids), 1, warmup=0)[0]
+            times = time_calls(lambda: self._prefill(ids), reps, warmup=0)
             row.update(new_tokens=1, ttft_s=statistics.median(times), prefill_s_all=times)
         else:
             t = time.perf_counter()
@@ -453,25 +411,6 @@ def workloads(args) -> list[Workload]:
     return [*(decode[0] if decode else []), *prefill, *[w for ws in decode[1:] for w in ws]]
 
 
-def _git_commit() -> str:
-    try:
-        def git(*a):
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no")
-                                                      else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _device_name(torch_device: str) -> str:
-    if torch_device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_name()
-    d = jax.devices()[0]
-    return f"{d.platform}: {d.device_kind}"
-
-
 def finish_row(row: dict, w: Workload) -> dict:
     """Rates from a row's raw times."""
     if "decode_s" in row and row["decode_s"] > 0:
@@ -484,11 +423,14 @@ def finish_row(row: dict, w: Workload) -> dict:
 
 def limit_row(row: dict, config: Qwen3Config, ceilings: dict) -> dict:
     """A row's fraction of the measured limits (decode: bytes per step / copy bandwidth; prefill: FLOPs / peak)."""
+    frac = None
     if "decode_s" in row and row["decode_s"] > 0:
-        floor = decode_floor_s(config, row["batch"], row["prompt"], row["decode_steps"], ceilings["copy_bytes_per_s"])
-        row["limit_frac"] = floor / (row["decode_s"] / row["decode_steps"])
+        nbytes = decode_bytes_per_step(config, row["batch"], row["prompt"], row["decode_steps"])
+        frac = limit_frac(row["decode_s"] / row["decode_steps"], ceilings, nbytes=nbytes)
     elif row["kind"] == "prefill" and row.get("ttft_s"):
-        row["limit_frac"] = prefill_flops(config, row["prompt"]) / row["ttft_s"] / ceilings["matmul_flops_per_s"]
+        frac = limit_frac(row["ttft_s"], ceilings, flops=prefill_flops(config, row["prompt"]))
+    if frac is not None:
+        row["limit_frac"] = frac
     return row
 
 
@@ -499,12 +441,8 @@ def run_benchmark(args) -> dict:
     jax_platform = jax.devices()[0].platform
     device = "cuda" if jax_platform == "gpu" and torch.cuda.is_available() else "cpu"
     result = {
-        "meta": {"model": model_name, "config": dataclasses.asdict(config), "gpu": _device_name(device),
-                 "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                 "commit": args.commit or _git_commit(), "command": args.command, "chunk": args.chunk,
-                 "pallas_ops": args.pallas_ops or "all",
-                 "versions": {"jax": jax.__version__, "torch": torch.__version__,
-                              "transformers": _version("transformers")},
+        "meta": {"model": model_name, "config": dataclasses.asdict(config), **run_meta(args.command, args.commit),
+                 "chunk": args.chunk, "pallas_ops": args.pallas_ops or "all",
                  "params": config.num_params(), "weight_bytes": config.num_params() * itemsize(config)},
         "rows": [],
     }
@@ -522,25 +460,24 @@ def run_benchmark(args) -> dict:
                 kernels = Kernels(**dict.fromkeys(args.pallas_ops, True), interpret=kernels.interpret)
             engines[name] = JaxEngine(name, config, params, kernels, args.chunk, args.profile)
 
-    # The JAX engines run first, every workload, before torch launches a kernel in this process: once it has (the
-    # ceilings, an HF engine), JAX's decode runs ~10% slower in the same process at the same GPU kernel time
-    # (H100, 0.6B batch 1; BENCHMARKS.md), which a user running JAX alone never sees. HF eager next, hf-compile
-    # last: it compiles for each shape, so a time budget cuts it first. (JAX's allocator keeps its peak, so the HF
-    # engines run in what is left of the GPU's memory.)
+    # The JAX engines run first, every workload, before torch launches a kernel in this process: once it has (an HF
+    # engine), JAX's decode runs ~10% slower in the same process at the same GPU kernel time (H100, 0.6B batch 1;
+    # BENCHMARKS.md), which a user running JAX alone never sees. Then the limits (after the JAX rows, so their
+    # buffers stay out of JAX's peak), HF eager, and hf-compile last: it compiles for each shape, so a time budget
+    # cuts it first. (JAX's allocator keeps its peak, so the HF engines run in what is left of the GPU's memory.)
     plan = workloads(args)
     order = [(w, e) for e in ENGINES if e in args.engines for w in plan]
     last_s = {}
     for w, name in order:
         if name.startswith("hf-") and "ceilings" not in result:  # the JAX rows are done: now torch may run
-            _start_torch(args, config, params, device, result, engines)
+            _after_jax_rows(args, config, params, device, result, engines)
         row = {"engine": name, "workload": w.name, "kind": w.kind, "batch": w.batch, "prompt": w.prompt,
                "requested_new_tokens": w.new_tokens}
         result["rows"].append(row)
         if name == "hf-compile" and w.kind == "prefill":
             row["note"] = "n/a: generate compiles decode only; prefill is hf-eager's"
             continue
-        elapsed = time.perf_counter() - _T0
-        if args.time_budget and elapsed + last_s.get((name, w.kind), 0.0) > args.time_budget:
+        if args.time_budget and elapsed_s() + last_s.get((name, w.kind), 0.0) > args.time_budget:
             row["note"] = "skipped: time budget"
             log(f"{name:10s} {w.name:18s} skipped (time budget)")
             continue
@@ -553,7 +490,7 @@ def run_benchmark(args) -> dict:
             if "ceilings" in result:
                 limit_row(row, config, result["ceilings"])
         except Exception as e:  # one failure (an OOM, a kernel error) must not end the run
-            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+            row["error"] = error_text(e)
         finally:
             gc.collect()
             if device == "cuda" and name.startswith("hf-"):
@@ -562,29 +499,27 @@ def run_benchmark(args) -> dict:
         row["wall_s"] = last_s[(name, w.kind)]
         log(f"{name:10s} {w.name:18s} " + (row["error"] if "error" in row else
             f"{row.get('tok_per_s', 0):10,.1f} tok/s  " +
-            (f"{100 * row['limit_frac']:5.1f}% of limit  " if "limit_frac" in row else "") + f"({row['wall_s']:.1f} s)"))
+            (f"{fmt_frac(row['limit_frac'], '5.1f')} of limit  " if "limit_frac" in row else "")
+            + f"({row['wall_s']:.1f} s)"))
         if args.json:
-            _write_json(args.json, result)
+            write_json(args.json, result)
     if "ceilings" not in result:  # no HF engine: the limits still come after the JAX rows
-        _start_torch(args, config, params, device, result, engines)
-
-    stats = jax.devices()[0].memory_stats() or {}
-    result["meta"]["jax_peak_bytes"] = stats.get("peak_bytes_in_use")
-    result["meta"]["total_s"] = time.perf_counter() - _T0
+        _after_jax_rows(args, config, params, device, result, engines)
+    result["meta"]["total_s"] = elapsed_s()
     return result
 
 
-def _start_torch(args, config, params, device, result, engines) -> None:
-    """After the JAX rows: the limits measured with torch, then the HF model on the JAX weights (DLPack views)."""
+def _after_jax_rows(args, config, params, device, result, engines) -> None:
+    """After the JAX rows: JAX's peak memory, the limits, then the HF model on the JAX weights (DLPack views)."""
     import torch
 
-    result["ceilings"] = ceilings = measure_ceilings(device, args.quick)
-    log(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
-        f"matmul {ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s")
+    result["meta"]["jax_peak_bytes"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    result["ceilings"] = ceilings = measure_ceilings(args.quick)
+    log(f"ceilings: {ceilings_text(ceilings)}")
     for row in result["rows"]:  # the JAX rows so far
         limit_row(row, config, ceilings)
     if args.json:
-        _write_json(args.json, result)
+        write_json(args.json, result)
     if not any(e.startswith("hf-") for e in args.engines):
         return
     import transformers
@@ -602,23 +537,7 @@ def _start_torch(args, config, params, device, result, engines) -> None:
     log(f"HF model ready in {result['meta']['init_s']['hf']:.1f} s")
 
 
-def _version(package: str) -> str:
-    try:
-        return __import__(package).__version__
-    except ImportError:
-        return "not installed"
-
-
-def _write_json(path, result: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=1) + "\n")
-
-
 # ---- the table ------------------------------------------------------------------------------------------------
-def _fmt(x, spec: str, unit: str = "") -> str:
-    return "—" if x is None else f"{x:{spec}}{unit}"
-
-
 def render(results: list[dict]) -> str:
     """A markdown section for one or more runs of the same model (rows merged, ratios across them)."""
     first = results[0]["meta"]
@@ -636,9 +555,7 @@ def render(results: list[dict]) -> str:
         init = ", ".join(f"{k} {v:.1f} s" for k, v in m.get("init_s", {}).items())
         ops = m.get("pallas_ops", "all")
         ops = "" if ops == "all" else f"; jax-pallas kernels: {', '.join(ops)} only"
-        limits = ("not measured (the run stopped before the JAX rows were done)" if c is None else
-                  f"device copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write, {c['copy_gib']:.0f} GiB), "
-                  f"bf16 matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s ({c['matmul_n']}^3)")
+        limits = "not measured (the run stopped before the JAX rows were done)" if c is None else ceilings_text(c)
         lines += [f"- `{m['command']}` (commit {m['commit']}, {m['gpu']}, {m['date']}, jax {m['versions']['jax']}{ops}, "
                   f"torch {m['versions']['torch']}, transformers {m['versions']['transformers']})",
                   f"  - measured limits: {limits}; weight init: {init}; run took {m.get('total_s', 0):.0f} s"]
@@ -662,15 +579,15 @@ def render(results: list[dict]) -> str:
         ratios = []
         for ref in ("hf-eager", "hf-compile"):
             base = rate.get((ref, row["workload"]))
-            ratios.append(_fmt(tok / base if tok and base else None, ".2f", "×"))
+            ratios.append(fmt(tok / base if tok and base else None, ".2f", "×"))
         note = row.get("error") or row.get("note", "")
         lines.append(" | ".join([
             f"| {row['engine']}", row["workload"],
-            _fmt(tok, ",.0f" if (tok or 0) >= 100 else ".1f"), _fmt(row.get("ms_per_step"), ".2f"),
-            _fmt(row["ttft_s"] * 1e3 if "ttft_s" in row else None, ".1f"),
-            _fmt(100 * row["limit_frac"] if "limit_frac" in row else None, ".0f", "%"), *ratios,
-            _fmt(row["peak_bytes"] / 1e9 if row.get("peak_bytes") else None, ".1f"),
-            _fmt(row.get("warmup_s"), ".1f"), note.replace("|", "/") + " |"]))
+            fmt(tok, ",.0f" if (tok or 0) >= 100 else ".1f"), fmt(row.get("ms_per_step"), ".2f"),
+            fmt(row["ttft_s"] * 1e3 if "ttft_s" in row else None, ".1f"),
+            fmt_frac(row.get("limit_frac")), *ratios,
+            fmt(row["peak_bytes"] / 1e9 if row.get("peak_bytes") else None, ".1f"),
+            fmt(row.get("warmup_s"), ".1f"), note.replace("|", "/") + " |"]))
     aliased = [row for row in rows if "cache_aliased" in row]
     if aliased:
         ok = sum(row["cache_aliased"] for row in aliased)
@@ -678,16 +595,8 @@ def render(results: list[dict]) -> str:
                       f"{len(aliased)} decode executables" + ("" if ok == len(aliased) else " (NOT all: see JSON)")]
     peaks = [f"{r['meta']['jax_peak_bytes'] / 1e9:.1f} GB" for r in results if r["meta"].get("jax_peak_bytes")]
     if peaks:
-        lines += ["", f"JAX's runtime peak of device bytes in use over the whole run: {', '.join(peaks)}"]
+        lines += ["", f"JAX's runtime peak of device bytes in use over its rows: {', '.join(peaks)}"]
     return "\n".join(lines) + "\n"
-
-
-def append_markdown(path: Path, text: str) -> None:
-    path = Path(path)
-    head = "" if path.is_file() else ("# Benchmarks\n\nWritten by `scripts/benchmark.py`: qwen3-jax against Hugging "
-                                      "Face transformers on random weights at the real Qwen3 shapes.\n")
-    with path.open("a") as f:
-        f.write(head + "\n" + text)
 
 
 # ---- command line ---------------------------------------------------------------------------------------------
@@ -742,7 +651,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--new-tokens must be at least 2 (one prefill token and at least one decode step)")
     if args.reps < 1:
         p.error("--reps must be at least 1")
-    args.command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args.command = command_line("benchmark.py", argv)
     return args
 
 
@@ -753,7 +662,7 @@ def main(argv=None) -> int:
     else:
         results = [run_benchmark(args)]
         if args.json:
-            _write_json(args.json, results[0])
+            write_json(args.json, results[0])
     text = render(results)
     print(text, flush=True)
     if not args.no_append:

@@ -6,13 +6,14 @@
     python scripts/benchmark_kernels.py --quick                                        # tiny shapes, interpret mode
 
 Every kernel variant is first checked against its `*_reference` on fresh random inputs (relative error
-<= 1e-2, NaN fails), then timed; a sweep reports its best variant. The limits are measured in the same run: a
-streaming copy (y = x + 1 over 2 GiB of bf16, bytes read + written) and a bf16 8192^3 matmul. Bandwidth-bound
-rows report bytes / time as a fraction of the copy, compute-bound rows FLOP/s as a fraction of the matmul.
-Timing: jit, warm-up, then the median of --samples samples. Short calls are chained, up to 16 in one executable,
-each ordered after the last by an optimization barrier (no fusion across calls, none dropped), over input sets
-rotated so a round touches twice the 50 MB L2: the per-call time is GPU time, as inside a jitted model step,
-not host dispatch. The whole default run takes about 2 minutes on an H100, compiles included.
+<= 1e-2, NaN fails), then timed; a sweep reports its best variant. The limits are measured in the same run, as
+benchmark.py measures them (bench_harness.py): a device copy (bytes read + written) and a bf16 8192^3 matmul.
+Bandwidth-bound rows report bytes / time as a fraction of the copy, compute-bound rows FLOP/s as a fraction of the
+matmul. Timing (the harness's `device_time`): jit, warm-up, then the median of --samples samples. Short calls are
+chained, up to 16 in one executable, each ordered after the last by an optimization barrier (no fusion across
+calls, none dropped), over input sets rotated so a round touches twice the 50 MB L2: the per-call time is GPU
+time, as inside a jitted model step, not host dispatch. The whole default run takes about 2 minutes on an H100,
+compiles included.
 """
 
 from __future__ import annotations
@@ -23,27 +24,22 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax: a
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import datetime  # noqa: E402
-import functools  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
-import shlex  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import zlib  # noqa: E402
-from importlib import metadata  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # run from a checkout without installing; the harness beside us
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
 
+from bench_harness import (  # noqa: E402
+    append_markdown, ceilings_text, command_line, device_time, error_text, fmt_frac, limit_frac, log,
+    measure_ceilings, run_meta, write_json)
 from pallas_kernels import attention as attn  # noqa: E402
 from pallas_kernels import decode_attention as dec  # noqa: E402
 from pallas_kernels import qkv_rope as qr  # noqa: E402
@@ -55,11 +51,6 @@ TOLERANCE = 1e-2  # relative error of a bf16 output against its reference
 ROTATE_BYTES = 100e6  # rotate input sets until a round of calls touches twice the 50 MB L2
 NUM_SMS = 132  # H100 SXM and H200: the decode sweep aims its split counts at them
 BF16 = jnp.bfloat16
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -95,83 +86,10 @@ class Ctx:
 
 # ---- timing and checking --------------------------------------------------------------------------------------
 def bench(fn, arg_sets, ctx: Ctx, donate: tuple = ()) -> dict:
-    """Median seconds per call of fn, as the GPU runs it inside a larger jitted program.
-
-    For short calls one executable chains r calls of fn over the rotating input sets (see `_chain`), so host
-    dispatch and the sync are paid once per r calls; each sample runs that executable k times back to back.
-    `donate`: positions of inputs that fn updates in place and returns last, in that order (a KV cache). They are
-    donated, as a model step donates its cache, so no call copies them, and each call's returned values replace
-    them in their set (copies are donated: the caller's arrays stay intact)."""
-    sets = [[jnp.copy(a) if i in donate else a for i, a in enumerate(s)] for s in arg_sets]
-    single = jax.jit(fn, donate_argnums=donate)  # without donation, the executable the check compiled
-
-    def call(j):  # one call on set j
-        out = single(*sets[j])
-        if donate:
-            for i, new in zip(donate, out[len(out) - len(donate):]):
-                sets[j][i] = new
-        return out
-
-    jax.block_until_ready(call(0))  # a warm-up (and the compile, with donation)
-    t = time.perf_counter()
-    jax.block_until_ready(call(0))
-    one = time.perf_counter() - t  # an over-estimate: it includes dispatch and the sync
-    r = max(1, min(ctx.max_chain, math.ceil(ctx.sample_s / max(one, 1e-7))))
-    chain = _chain(fn, r, len(sets), donate) if r > 1 else None
-
-    def chained():  # r calls over all sets in one executable
-        if not donate:
-            return chain(*sets)
-        held = [[None if i in donate else a for i, a in enumerate(s)] for s in sets]
-        outs, states = chain(*held, states=[[s[i] for i in donate] for s in sets])
-        for s, state in zip(sets, states):
-            for i, new in zip(donate, state):
-                s[i] = new
-        return outs
-
-    runs = [functools.partial(call, j) for j in range(len(sets))] if r == 1 else [chained]
-    out = None
-    for run in runs * 2:  # compile, warm-up
-        out = run()
-    jax.block_until_ready(out)
-    t = time.perf_counter()
-    jax.block_until_ready(runs[0]())
-    k = max(1, min(1000, math.ceil(ctx.sample_s / max(time.perf_counter() - t, 1e-7))))
-    times = []
-    for _ in range(ctx.samples):
-        t = time.perf_counter()
-        for i in range(k):
-            out = runs[i % len(runs)]()
-        jax.block_until_ready(out)  # one stream: the last call done means all are
-        times.append((time.perf_counter() - t) / (k * r))
-    return {"time_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "calls_chained": r,
-            "executables_per_sample": k, "samples": len(times)}
-
-
-def _chain(fn, r: int, n_sets: int, donate: tuple = ()):
-    """One jitted function of all input sets that makes r calls of fn, each ordered after the one before.
-
-    With `donate`, the sets hold None at those positions and their arrays come in `states`, donated: each call on
-    a set takes what the previous call on it returned for them, and run returns (outputs, final states)."""
-    def run(*sets, states=()):  # sets: n_sets tuples of fn's arguments
-        outs, states = [], list(states)
-        for i in range(r):
-            j = i % n_sets
-            args = sets[j]
-            if outs:  # every output of the barrier is used (returned), so neither JAX nor XLA can drop a call
-                args, outs[-1] = lax.optimization_barrier((args, outs[-1]))
-            if not donate:
-                outs.append(fn(*args))
-                continue
-            args = list(args)
-            for n, x in zip(donate, states[j]):
-                args[n] = x
-            out = fn(*args)
-            outs.append(out[:len(out) - len(donate)])
-            states[j] = out[len(out) - len(donate):]
-        return (outs, states) if donate else outs
-
-    return jax.jit(run, donate_argnames="states" if donate else ())
+    """Median seconds per call of fn as the GPU runs it in a jitted program: the harness's `device_time` with this
+    run's sampling (see there for `donate`)."""
+    return device_time(fn, arg_sets, samples=ctx.samples, sample_s=ctx.sample_s, max_chain=ctx.max_chain,
+                       donate=donate)
 
 
 def rel_err(out, want) -> float:
@@ -194,33 +112,6 @@ def _first_call(fn, args) -> tuple:
     t = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     return out, time.perf_counter() - t
-
-
-def _error(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
-
-
-def measure_limits(quick: bool, ctx: Ctx) -> dict:
-    """Streaming copy bandwidth (y = x + 1, bytes read + written) and bf16 matmul FLOP/s, medians."""
-    limits = {}
-    k1, k2, k3 = jax.random.split(jax.random.key(ctx.seed), 3)
-    try:
-        n = 1 << (22 if quick else 30)  # bf16 elements: 2 GiB on the GPU
-        x = jax.random.normal(k1, (n,), BF16)
-        r = bench(lambda x: x + 1, [(x,)], ctx)
-        limits.update(copy_bytes_per_s=2 * x.nbytes / r["time_s"], copy_gib=x.nbytes / 2**30)
-        del x
-    except Exception as e:  # noqa: BLE001 - the table is still worth having without a limit
-        limits["copy_error"] = _error(e)
-    try:
-        m = 256 if quick else 8192
-        a, b = jax.random.normal(k2, (m, m), BF16), jax.random.normal(k3, (m, m), BF16)
-        r = bench(lambda a, b: a @ b, [(a, b)], ctx)
-        limits.update(matmul_flops_per_s=2 * m**3 / r["time_s"], matmul_n=m)
-    except Exception as e:  # noqa: BLE001
-        limits["matmul_error"] = _error(e)
-    return limits
 
 
 def run_case(case: Case, ctx: Ctx, limits: dict) -> dict:
@@ -258,7 +149,7 @@ def run_case(case: Case, ctx: Ctx, limits: dict) -> dict:
                     if entry["ok"]:
                         entry.update(bench(fn, sets, ctx, case.donate))
                 except Exception as e:  # noqa: BLE001 - a variant that fails is a sweep entry, not a crash
-                    entry["error"] = _error(e)
+                    entry["error"] = error_text(e)
                 log(f"  {case.kernel} {case.shape} [{entry['settings']}] " + _entry_text(entry))
             best = _best(row["sweep"])
             if not blocks and refine is not None and best is not None:
@@ -275,13 +166,13 @@ def run_case(case: Case, ctx: Ctx, limits: dict) -> dict:
         try:
             row["reference_s"] = bench(case.reference, sets, ctx, case.donate)["time_s"]
         except Exception as e:  # noqa: BLE001
-            row["reference_error"] = _error(e)
+            row["reference_error"] = error_text(e)
         if case.cudnn is not None:
             _run_cudnn(case, row, check_in, sets, want, ctx)
         del want, check_in, sets
         _finish(row, case, limits)
     except Exception as e:  # noqa: BLE001 - one failure (an OOM, a kernel error) must not end the run
-        row.update(ok=False, error=_error(e))
+        row.update(ok=False, error=error_text(e))
     row["wall_s"] = time.perf_counter() - t_case
     return row
 
@@ -314,7 +205,7 @@ def _run_cudnn(case: Case, row: dict, check_in, sets, want, ctx: Ctx) -> None:
         c_sets = [jax.block_until_ready(prepare(*s)) for s in sets]
         row["cudnn_s"] = bench(call, c_sets, ctx)["time_s"]
     except Exception as e:  # noqa: BLE001
-        row["cudnn_error"] = _error(e)
+        row["cudnn_error"] = error_text(e)
 
 
 def _finish(row: dict, case: Case, limits: dict) -> None:
@@ -323,16 +214,16 @@ def _finish(row: dict, case: Case, limits: dict) -> None:
     t = row.get("ours_s")
     if not t:
         return
-    copy, mm = limits.get("copy_bytes_per_s"), limits.get("matmul_flops_per_s")
     kind = case.metric
     if kind == "auto":
-        kind = "TFLOP/s" if copy and mm and case.flops / mm > case.nbytes / copy else "GB/s"
+        compute, memory = limit_frac(t, limits, flops=case.flops), limit_frac(t, limits, nbytes=case.nbytes)
+        kind = "TFLOP/s" if compute and memory and compute > memory else "GB/s"
     if kind == "TFLOP/s":
-        row.update(metric=case.flops / t / 1e12, metric_unit=kind, limit_frac=case.flops / t / mm if mm else None)
+        row.update(metric=case.flops / t / 1e12, metric_unit=kind, limit_frac=limit_frac(t, limits, flops=case.flops))
     else:
         scale = 1e12 if kind == "TB/s" else 1e9
         row.update(metric=case.nbytes / t / scale, metric_unit=kind,
-                   limit_frac=case.nbytes / t / copy if copy else None)
+                   limit_frac=limit_frac(t, limits, nbytes=case.nbytes))
     if row.get("reference_s"):
         row["speedup_vs_reference"] = row["reference_s"] / t
     if row.get("cudnn_s"):
@@ -553,25 +444,21 @@ def _row_cells(row: dict) -> list[str]:
     unit = row.get("metric_unit")
     metric = "—" if unit is None else f"{row['metric']:.2f} TB/s" if unit == "TB/s" else \
         f"{row['metric']:,.0f} GB/s" if unit == "GB/s" else f"{row['metric']:.0f} TFLOP/s"
-    frac = f"{100 * row['limit_frac']:.0f}%" if row.get("limit_frac") is not None else "—"
     speed = [f"{row[k]:.2f}× {name}" for k, name in (("speedup_vs_reference", "XLA"), ("speedup_vs_cudnn", "cuDNN"))
              if row.get(k)]
-    return [kernel, row["shape"], _fmt_time(row["ours_s"]), ref, cudnn, metric, frac, ", ".join(speed) or "—"]
+    return [kernel, row["shape"], _fmt_time(row["ours_s"]), ref, cudnn, metric, fmt_frac(row.get("limit_frac")),
+            ", ".join(speed) or "—"]
 
 
 def render(result: dict) -> str:
     """The markdown section: how it was run, the limits, the sweeps, then the table."""
     m, lim = result["meta"], result["limits"]
     v = m["versions"]
-    copy = (f"device copy {lim['copy_bytes_per_s'] / 1e12:.2f} TB/s (y = x + 1 over {lim['copy_gib']:g} GiB of "
-            "bf16, bytes read + written)" if "copy_bytes_per_s" in lim else f"device copy: {lim.get('copy_error')}")
-    mm = (f"bf16 matmul {lim['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s ({lim['matmul_n']}^3)"
-          if "matmul_flops_per_s" in lim else f"matmul: {lim.get('matmul_error')}")
     lines = [
         f"## Kernels — {m['gpu']}, {m['date']}", "",
         f"- `{m['command']}` (commit {m['commit']}, jax {v['jax']}, jaxlib {v['jaxlib']}, triton {v['triton']}"
         + (", Pallas in interpret mode" if m["interpret"] else "") + f"; run took {m.get('total_s', 0):.0f} s)",
-        f"- measured limits (medians, same run): {copy}; {mm}",
+        f"- measured limits (medians, same run): {ceilings_text(lim)}",
         "- ours: the Pallas kernel (Triton lowering), fastest correct variant of its sweep, settings in brackets; "
         "reference (XLA): the module's `*_reference` under jit; cuDNN: `jax.nn.dot_product_attention(implementation"
         "=\"cudnn\")` on q/k/v already in [B, T, N, D] (the transpose is not timed)",
@@ -598,35 +485,7 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def append_markdown(path: Path, text: str) -> None:
-    path = Path(path)
-    head = "" if path.is_file() else "# Benchmarks\n"
-    with path.open("a") as f:
-        f.write(head + "\n" + text)
-
-
 # ---- command line ---------------------------------------------------------------------------------------------
-def _git_commit() -> str:
-    try:
-        def git(*a):
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _write_json(path, result: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=1) + "\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", action="append", choices=KERNELS, help="run only this kernel family (repeatable)")
@@ -645,7 +504,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.samples = args.samples or (2 if args.quick else 15)
     if args.samples < 1:
         p.error("--samples must be at least 1")
-    args.command = "python scripts/benchmark_kernels.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args.command = command_line("benchmark_kernels.py", argv)
     return args
 
 
@@ -659,16 +518,13 @@ def main(argv=None) -> int:
               deadline=t0 + args.time_budget if args.time_budget else math.inf, seed=args.seed, on_gpu=on_gpu,
               max_sets=2 if args.quick else 8)
     result = {
-        "meta": {"gpu": jax.devices()[0].device_kind, "backend": jax.default_backend(), "interpret": ctx.interpret,
-                 "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                 "commit": args.commit or _git_commit(), "command": args.command, "samples": args.samples,
-                 "tolerance": TOLERANCE,
-                 "versions": {p: _version(p) for p in ("jax", "jaxlib", "triton")}},
+        "meta": {**run_meta(args.command, args.commit), "interpret": ctx.interpret, "samples": args.samples,
+                 "tolerance": TOLERANCE},
         "limits": {}, "rows": [],
     }
     log(f"{result['meta']['gpu']} ({result['meta']['backend']}), interpret={ctx.interpret}")
-    result["limits"] = limits = measure_limits(args.quick, ctx)
-    log(f"limits: {limits}")
+    result["limits"] = limits = measure_ceilings(args.quick)
+    log(f"limits: {ceilings_text(limits)}")
     for name in RUN_ORDER:
         if args.only and name not in args.only:
             continue
@@ -677,12 +533,12 @@ def main(argv=None) -> int:
             result["rows"].append(row)
             log(f"{row['kernel']} {row['shape']}: " + " | ".join(_row_cells(row)[2:]) + f"  ({row['wall_s']:.1f} s)")
             if args.json:
-                _write_json(args.json, result)
+                write_json(args.json, result)
     result["meta"]["total_s"] = time.perf_counter() - t0
     result["rows"].sort(key=lambda r: KERNELS.index(r["family"]))  # stable: shapes keep their order
     text = render(result)
     if args.json:
-        _write_json(args.json, result)
+        write_json(args.json, result)
     if args.append:
         append_markdown(args.append, text)
         log(f"appended to {args.append}")

@@ -85,6 +85,16 @@ def test_limits_count_bytes_and_flops():
     t = 2048
     linear = 2 * t * 36 * (4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 12288)
     assert benchmark.prefill_flops(config, t) == linear + 2 * t * t * 32 * 128 * 36 + 2 * 4096 * 151936
+    # step j of n attends prompt + j + 1 keys: a decode row is rated at the mean, against the harness's copy ceiling
+    step_bytes = benchmark.weight_bytes_per_step(config) + benchmark.kv_bytes(config, 8, 128 + 2.5)
+    assert benchmark.decode_bytes_per_step(config, 8, 128, 4) == step_bytes
+    ceilings = {"copy_bytes_per_s": 4e12, "matmul_flops_per_s": 8e14}
+    decode = {"kind": "decode", "batch": 8, "prompt": 128, "decode_s": 0.02, "decode_steps": 4}
+    assert benchmark.limit_row(dict(decode), config, ceilings)["limit_frac"] == pytest.approx(step_bytes / 4e12 / 0.005)
+    prefill = {"kind": "prefill", "batch": 1, "prompt": t, "ttft_s": 0.1}
+    assert benchmark.limit_row(prefill, config, ceilings)["limit_frac"] == pytest.approx(
+        benchmark.prefill_flops(config, t) / 8e14 / 0.1)
+    assert "limit_frac" not in benchmark.limit_row(dict(decode), config, {})  # no ceiling, no fraction
 
 
 def _event(metadata_id, start_us, dur_us, module):
