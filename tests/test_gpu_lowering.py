@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 from jax._src.pallas.triton import gpu_info  # private: jax is pinned (requirements), so this cannot drift
 
+from pallas_kernels import paged_attention as paged
 from pallas_kernels.attention import attention
 from pallas_kernels.decode_attention import Block, decode_attention, decode_attention_qkv
 from pallas_kernels.qkv_rope import qkv_rope
@@ -64,3 +65,25 @@ def test_decode_attention_lowers(batch, hq, block, dtype):
            S((batch,), jnp.int32))
     fn = functools.partial(decode_attention_qkv, num_heads=hq, num_kv_heads=8, head_dim=128, eps=1e-6, block=block)
     lowers(fn, *qkv_avals(batch, 1, hq, 8, 128, 8192, dtype))
+
+
+# Paged kernels: a pool of 1000 blocks and tables 129 blocks wide (neither a power of two: only the loaded tiles
+# must be), block ids loaded from the table in-kernel.
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("batch,hq,block", [(1, 16, None), (8, 32, None), (64, 32, paged.Block(num_splits=1)),
+                                            (1, 40, paged.Block(num_splits=4))])
+def test_paged_decode_attention_lowers(batch, hq, block, dtype):
+    pool, table = S((1000, 8, 64, 128), dtype), S((batch, 129), jnp.int32)
+    lowers(functools.partial(paged.paged_decode_attention, block=block), S((batch, hq, 128), dtype), pool, pool, table,
+           S((batch,), jnp.int32))
+    fn = functools.partial(paged.paged_decode_attention_qkv, num_heads=hq, num_kv_heads=8, head_dim=128, eps=1e-6,
+                           block=block)
+    lowers(fn, *qkv_avals(batch, 1, hq, 8, 128, 1, dtype)[:5], pool, pool, table)  # (qkv_rope's avals, no caches)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("hq,block_size", [(32, 64), (16, 16), (40, 32)])
+def test_paged_prefill_attention_lowers(hq, block_size, dtype):
+    pool = S((1000, 8, block_size, 128), dtype)
+    lowers(paged.paged_prefill_attention, S((2048, hq, 128), dtype), pool, pool, S((3, 129), jnp.int32),
+           S((4,), jnp.int32), S((3,), jnp.int32))
