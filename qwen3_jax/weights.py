@@ -54,7 +54,7 @@ def weight_table(config: Qwen3Config) -> dict[tuple, tuple[list[str], tuple[int,
     return table
 
 
-def _hf_shapes(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
+def hf_shapes(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
     """Expected shape of every HF tensor, split back from the fused entries."""
     split = {"q_proj": config.q_size, "k_proj": config.kv_size, "v_proj": config.kv_size,
              "gate_proj": config.intermediate_size, "up_proj": config.intermediate_size}
@@ -102,7 +102,7 @@ def load_params(model_dir: str | Path, config: Qwen3Config, *, dtype=None, devic
     dtype = np.dtype(dtype or config.jnp_dtype)
     device = device or jax.devices()[0]
     key_file = _key_to_file(model_dir)
-    expected = _hf_shapes(config)
+    expected = hf_shapes(config)
 
     unexpected = [k for k in key_file if k not in expected and not k.endswith(_IGNORED_SUFFIXES)
                   and not (k == "lm_head.weight" and config.tie_word_embeddings)]
