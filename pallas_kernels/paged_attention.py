@@ -40,8 +40,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.attention import (_LOG2E, _MIN_ROWS, _MASK, _check_kernel_operands, _dot, _next_pow2,
                                       _softmax_init, _softmax_step, attention_reference)
-from pallas_kernels.decode_attention import (_MIN_TILES_PER_SPLIT, _SHORT_CACHE_SPLITS, _combine, _num_splits,
-                                             _outputs, _store)
+from pallas_kernels.decode_attention import (_MIN_TILES_PER_SPLIT, _SHORT_CACHE_SPLITS, _num_splits, _outputs,
+                                             _store)
 from pallas_kernels.qkv_rope import _rope_combine, _rope_tables
 from pallas_kernels.qkv_rope import check_args as check_qkv_args
 from pallas_kernels.qkv_rope import qkv_rope_reference
@@ -131,6 +131,24 @@ def _finish(out_refs, acc, m, l, *, rows, groups):
     if len(out_refs) == 1:
         l = jnp.where(l > 0, l, 1.0)
     _store(out_refs, acc, m, l, rows=rows, groups=groups)
+
+
+def _combine(outs, dtype):
+    """The kernel's outputs -> o [B, Hq, D]: as is with one split (the kernel normalised, zeros for a row with no
+    key), else `decode_attention`'s combine, where a row whose splits are all empty (padding: m = -inf, l = 0,
+    acc = 0 everywhere) gives exact zeros: its max is taken as 0 so every weight is exp2(-inf) = 0, and its
+    denominator as 1 (num = 0). The guards sit inside the combine's own expressions, so XLA fuses them into the
+    combine's kernels instead of a select over the output."""
+    if len(outs) == 1:
+        b, kv, g, d = outs[0].shape
+        return outs[0].reshape(b, kv * g, d)
+    acc, m, l = outs
+    b, kv, _, g, d = acc.shape
+    m_all = m.max(axis=2, keepdims=True)  # [B, KV, 1, G]
+    w = jnp.exp2(m - jnp.where(m_all > -jnp.inf, m_all, 0.0))  # [B, KV, splits, G]; 0 for an empty split
+    num = (w[..., None] * acc).sum(axis=2)  # [B, KV, G, D]
+    den = (w * l).sum(axis=2)  # [B, KV, G]: >= 1 for a row with a key (its max key's weight), else 0
+    return (num / jnp.where(den > 0, den, 1.0)[..., None]).astype(dtype).reshape(b, kv * g, d)
 
 
 def _decode_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *out_refs, groups, rows, splits, scale):
@@ -339,9 +357,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, seq_lens, *, block: 
         name="paged_flash_decoding",
     )(seq_lens.astype(jnp.int32), block_tables.astype(jnp.int32), q.reshape(batch, num_kv, groups, head_dim),
       k_pool, v_pool)
-    o = _combine(outs, q.dtype)
-    # Several splits: a padding row's are all empty and combine to 0/0 (one split normalises to zeros itself).
-    return o if splits == 1 else jnp.where((seq_lens > 0)[:, None, None], o, 0).astype(q.dtype)
+    return _combine(outs, q.dtype)
 
 
 def paged_decode_attention_qkv(qkv, q_norm, k_norm, inv_freq, positions, k_pool, v_pool, block_tables, *, num_heads,
@@ -390,10 +406,7 @@ def paged_decode_attention_qkv(qkv, q_norm, k_norm, inv_freq, positions, k_pool,
         name="paged_flash_decoding_qkv",
     )(positions[:, 0].astype(jnp.int32), block_tables.astype(jnp.int32), jnp.concatenate([inv_freq, inv_freq]),
       q_norm, k_norm, qkv3, k_pool, v_pool)
-    o = _combine(outs, qkv.dtype)
-    if splits > 1:  # a padding row's splits are all empty: 0/0 in the combine
-        o = jnp.where((positions[:, 0] >= 0)[:, None, None], o, 0).astype(qkv.dtype)
-    return o, k_pool, v_pool
+    return _combine(outs, qkv.dtype), k_pool, v_pool
 
 
 def _work_list(query_start, seq_lens, block_q: int, num_items: int):

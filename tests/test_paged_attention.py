@@ -16,7 +16,7 @@ from test_qkv_rope import make_inputs as make_qkv_inputs
 from test_rms_norm import assert_ulp_close, f64
 from pallas_kernels import decode_attention
 from pallas_kernels.attention import attention_reference
-from pallas_kernels.paged_attention import (Block, _num_splits, _split_blocks, _work_list, paged_decode_attention,
+from pallas_kernels.paged_attention import (Block, _combine, _num_splits, _split_blocks, _work_list, paged_decode_attention,
                                             paged_decode_attention_qkv, paged_decode_attention_qkv_reference,
                                             paged_decode_attention_reference, paged_prefill_attention,
                                             paged_prefill_attention_reference)
@@ -241,6 +241,26 @@ def test_work_list_covers_every_token_once(block_q):
     np.testing.assert_array_equal(seen, pos >= 0)
     work = np.where(items[2] > 0, items[3] + items[2], -1)
     assert (np.diff(work) <= 0).all()
+
+
+def test_combine_zeros_rows_without_keys():
+    """The split combine: a row whose splits are all empty (padding) gives exact zeros, inside the combine itself
+    (no select over the output); live rows, empty splits among them, match the contiguous kernel's combine."""
+    rng = np.random.default_rng(0)
+    B, KV, splits, G, D = 3, 2, 5, 4, 16
+    acc = rng.standard_normal((B, KV, splits, G, D)).astype(np.float32)
+    m = rng.standard_normal((B, KV, splits, G)).astype(np.float32)
+    l = rng.uniform(1, 3, (B, KV, splits, G)).astype(np.float32)
+    empty = np.zeros((B, splits), bool)
+    empty[0, 3:] = True  # a live row with empty trailing splits
+    empty[1] = True  # a padding row: every split empty
+    e = empty[:, None, :, None]
+    acc, m, l = np.where(e[..., None], 0, acc), np.where(e, -np.inf, m), np.where(e, 0, l)
+    outs = tuple(jnp.asarray(x) for x in (acc, m, l))
+    got = np.asarray(jax.jit(_combine, static_argnums=1)(outs, jnp.float32))
+    np.testing.assert_array_equal(bits(got[1]), 0)  # +0.0 exactly, no NaN
+    want = np.asarray(jax.jit(decode_attention._combine, static_argnums=1)(outs, jnp.float32))
+    np.testing.assert_allclose(got[[0, 2]], want[[0, 2]], rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- split rule
