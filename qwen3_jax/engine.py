@@ -135,7 +135,7 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(prompt)} tokens; max_model_len={max_model_len} leaves no room "
                              "for a generated token")
         max_len = min(len(prompt) + params.max_tokens, max_model_len)
-        need = self.blocks.blocks_needed(min(max_len + self.lookahead, self.max_blocks_per_seq * self.options.block_size))
+        need = self.blocks.blocks_needed(max_len)  # the scheduler never gives a sequence blocks past max_len
         if need > self.blocks.num_blocks:
             raise CacheOverflowError(
                 f"request {request_id!r} needs up to {need} KV blocks ({len(prompt)} prompt tokens + "
@@ -183,7 +183,9 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work() or self._inflight is not None
+        # A decode call in flight whose rows have all finished (at a stop token, or aborted) has nothing to deliver.
+        inflight = self._inflight is not None and not all(s.finished for s in self._inflight.batch.seqs)
+        return self.scheduler.has_work() or inflight
 
     @property
     def num_running(self) -> int:
@@ -291,7 +293,7 @@ class LLMEngine:
                 continue
             lo = seq.num_computed_tokens
             seq.num_computed_tokens += chunk
-            self.blocks.cache_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.block_hashes)
+            self._cache_full_blocks(seq)
             if seq.prompt_logprobs is not None and not seq.output_token_ids:
                 for j in range(chunk):
                     if lo + j + 1 < len(seq.prompt_token_ids):
@@ -332,23 +334,33 @@ class LLMEngine:
         return _InFlight(batch, outputs, positions, counts, stops, samp, seeds, opts)
 
     def _continue_decode(self, done: _InFlight) -> _InFlight | None:
-        """Queue the next decode call for the same batch before `done` is read, if nothing else could run now
-        and every row has blocks for it; else None (the host reads `done` and schedules afresh)."""
+        """Queue the next decode call for the same batch before `done` is read, if nothing else could run now, the
+        live rows still need this batch size, and every live row has blocks for it; else None (the host reads
+        `done` and schedules afresh). Rows of sequences that finished before `done` compute nothing."""
         sched = self.scheduler
         if sched.can_admit_next() or any(s.prefilling for s in sched.running):
             return None
         seqs = done.batch.seqs
-        if any(s.finished for s in seqs) or len(seqs) != len(sched.running):
+        live = [i for i, s in enumerate(seqs) if not s.finished]
+        if not live or len(live) != len(sched.running):  # all done, or sequences admitted meanwhile
             return None
+        if next(b for b in self.decode_buckets if b >= len(live)) < len(done.positions):
+            return None  # a smaller batch would do: reschedule (compacts the rows)
         k = self.options.decode_steps
-        positions = np.where(done.positions >= 0, done.positions + k, -1).astype(np.int32)
-        targets = [min(int(p) + k, s.max_len) for s, p in zip(seqs, positions)]  # blocks for this call's positions
-        need = sum(max(self.blocks.blocks_needed(t) - len(s.block_table), 0) for s, t in zip(seqs, targets))
+        alive = np.zeros(len(done.positions), bool)
+        alive[live] = True
+        positions = np.where(alive & (done.positions >= 0), done.positions + k, -1).astype(np.int32)
+        stops = np.where(alive, done.stops, 0).astype(np.int32)
+        if np.all(positions >= stops):
+            return None  # every live row reaches its length limit in `done`: the next call would compute nothing
+        targets = {i: min(int(positions[i]) + k, seqs[i].max_len) for i in live}  # blocks for this call's positions
+        need = sum(max(self.blocks.blocks_needed(t) - len(seqs[i].block_table), 0) for i, t in targets.items())
         if need > self.blocks.num_free_blocks:
             return None
-        for s, t in zip(seqs, targets):
-            self.blocks.grow(s.block_table, t)
-        return self._dispatch_decode(done.batch, done.outputs["tokens"][:, -1], positions, done.counts + k, done)
+        for i, t in targets.items():
+            self.blocks.grow(seqs[i].block_table, t)
+        prev = dataclasses.replace(done, stops=stops)
+        return self._dispatch_decode(done.batch, done.outputs["tokens"][:, -1], positions, done.counts + k, prev)
 
     def _finish_decode(self, done: _InFlight, changed: dict) -> None:
         out = jax.device_get(done.outputs)
@@ -363,8 +375,12 @@ class LLMEngine:
                 self._append(seq, int(out["tokens"][i, j]), out, (i, j))
                 changed[seq.request_id] = seq
             if not seq.finished:
-                self.blocks.cache_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens,
-                                              seq.block_hashes)
+                self._cache_full_blocks(seq)
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        """Offer the sequence's newly completed blocks to the prefix cache (only when one completed: cheap)."""
+        if seq.num_computed_tokens // self.options.block_size > len(seq.block_hashes):
+            self.blocks.cache_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.block_hashes)
 
     def _append(self, seq: Sequence, token: int, out: dict, index: tuple) -> None:
         """A new token for `seq`; finishes it on a stop token or at its length limit."""

@@ -194,6 +194,8 @@ class Scheduler:
         self.blocks.free(seq.block_table)
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+        if seq.prompt_logprobs is not None and not seq.output_token_ids:
+            del seq.prompt_logprobs[1:]  # preempted mid-prefill: the recomputed prompt yields them again
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
