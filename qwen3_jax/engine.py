@@ -101,7 +101,12 @@ class LLMEngine:
         self.decode_buckets = _buckets(options.max_num_seqs, 1)
         self.prefill_buckets = _buckets(options.max_num_batched_tokens, min(64, options.max_num_batched_tokens))
 
-        num_blocks = options.num_blocks or self._blocks_for_memory()
+        # The kernels address one layer's pool with int32 element offsets.
+        most = (2**31 - 1) // (self.config.num_key_value_heads * options.block_size * self.config.head_dim)
+        if options.num_blocks is not None and options.num_blocks > most:
+            raise ValueError(f"num_blocks={options.num_blocks} is more than one layer's pool can address ({most} "
+                             f"blocks of {options.block_size}: int32 offsets in the attention kernels)")
+        num_blocks = options.num_blocks or min(self._blocks_for_memory(), most)
         self.cache = KVCache.init(self.config, num_blocks, options.block_size)
         log.info("KV cache: %d blocks of %d positions (%d tokens, %.2f GiB)", num_blocks, options.block_size,
                  num_blocks * options.block_size, self.cache.nbytes / 2**30)
