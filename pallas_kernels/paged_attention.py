@@ -18,10 +18,13 @@ stacked as the rows of one q tile, base-2 online softmax, masked loads past the 
 per pool block: block_k is the pool's block_size, and each tile's block id is a scalar load from the table
 in-kernel, so the pools are read in place (each program sees the whole pool of its kv head).
 
-Decode splits: the grid's split count is static (about two programs per SM, as `decode_attention`), but the
-table is as wide as the model's context while most rows are short, so each program derives its blocks from its
-row's length at run time (`_split_blocks`: the contiguous kernel's tuning rule applied to the row's block
-count). Splits past a row's active count write an empty partial (m = -inf, l = 0) that the combine ignores.
+Decode splits: the grid's split count is static (`_static_splits`: about two programs per SM, as
+`decode_attention`, but at most 16), while the table is as wide as the model's context and most rows are short, so
+each program derives its blocks from its row's length at run time (`_split_blocks`: the contiguous kernel's
+tuning rule applied to the row's block count). Splits past a row's active count write an empty partial (m = -inf,
+l = 0) that the combine ignores. The cap matters at batch 1-2 only: uncapped, a 640-block table at batch 1 and 8
+kv heads would launch 33 splits (264 programs) and combine 33 partials although a short row uses 2-6 of them;
+16 splits x 8 kv heads is ~one program per SM, and a long row then streams more blocks per split.
 
 Prefill work list: the wrapper lists (sequence, query block) items with a few small jnp ops, at most
 cdiv(N, block_q) + S of them (the grid's static size), heaviest first; programs past the list end store nothing.
@@ -52,7 +55,7 @@ from pallas_kernels.rms_norm import weight_normalized
 class Block:
     """Tiling. The key tile is always one pool block. Prefill: block_q query tokens per tile (None: a 64-row tile
     whatever the GQA ratio, 32 rows in f32). Decode: num_splits programs per (row, kv head) at most (None: about
-    two programs per SM, as `decode_attention`); a short row uses fewer at run time."""
+    two programs per SM as `decode_attention`, at most 16); a short row uses fewer at run time."""
 
     block_q: int | None = None
     num_splits: int | None = None
@@ -66,6 +69,16 @@ _F32_BLOCK = Block(num_stages=2)  # f32 tiles are twice the bytes: half the q ro
 
 def _cdiv(a, b):
     return (a + b - 1) // b
+
+
+_MAX_SPLITS = 16  # auto static splits at most: see the module docstring
+
+
+def _static_splits(block: Block, batch: int, num_kv: int, max_blocks: int, bs: int) -> int:
+    """The grid's split count: block.num_splits (at most one per table block), or `decode_attention`'s auto count
+    for a cache as wide as the table, capped at _MAX_SPLITS."""
+    splits = _num_splits(block, batch, num_kv, max_blocks * bs, bs)
+    return splits if block.num_splits is not None else min(splits, _MAX_SPLITS)
 
 
 def _split_blocks(n, split, splits):
@@ -336,7 +349,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, seq_lens, *, block: 
     num_kv, max_blocks = k_pool.shape[1], block_tables.shape[1]
     groups = num_heads // num_kv
     rows = max(_MIN_ROWS, _next_pow2(groups))
-    splits = _num_splits(block, batch, num_kv, max_blocks * bs, bs)  # static; a row uses fewer at run time
+    splits = _static_splits(block, batch, num_kv, max_blocks, bs)  # a row uses fewer at run time
     kernel = functools.partial(_decode_kernel, groups=groups, rows=rows, splits=splits, scale=head_dim**-0.5)
     pool_spec = _pool_spec(k_pool, 1)
     out_specs, out_shape = _outputs(batch, num_kv, splits, groups, head_dim, q.dtype)
@@ -379,7 +392,7 @@ def paged_decode_attention_qkv(qkv, q_norm, k_norm, inv_freq, positions, k_pool,
     max_blocks = block_tables.shape[1]
     groups = num_heads // num_kv_heads
     rows = max(_MIN_ROWS, _next_pow2(groups + 1))  # + the k row
-    splits = _num_splits(block, batch, num_kv_heads, max_blocks * bs, bs)
+    splits = _static_splits(block, batch, num_kv_heads, max_blocks, bs)
     kernel = functools.partial(_decode_qkv_kernel, groups=groups, rows=rows, splits=splits, scale=head_dim**-0.5,
                                eps=float(eps), num_heads=num_heads, num_kv_heads=num_kv_heads)
     vec_spec = pl.BlockSpec((head_dim,), lambda b, h, s: (0,))

@@ -16,10 +16,10 @@ from test_qkv_rope import make_inputs as make_qkv_inputs
 from test_rms_norm import assert_ulp_close, f64
 from pallas_kernels import decode_attention
 from pallas_kernels.attention import attention_reference
-from pallas_kernels.paged_attention import (Block, _combine, _num_splits, _split_blocks, _work_list, paged_decode_attention,
-                                            paged_decode_attention_qkv, paged_decode_attention_qkv_reference,
-                                            paged_decode_attention_reference, paged_prefill_attention,
-                                            paged_prefill_attention_reference)
+from pallas_kernels.paged_attention import (_MAX_SPLITS, Block, _combine, _split_blocks, _static_splits, _work_list,
+                                            paged_decode_attention, paged_decode_attention_qkv,
+                                            paged_decode_attention_qkv_reference, paged_decode_attention_reference,
+                                            paged_prefill_attention, paged_prefill_attention_reference)
 
 # Jitted (as the model runs them): one compile per shape, not a compile per eager op of the wrappers.
 decode = jax.jit(paged_decode_attention, static_argnames=("block", "interpret"))
@@ -277,17 +277,34 @@ def test_split_rule_covers_every_block_once(splits):
     assert ((count[:, 1:] > 0) <= (count[:, :-1] > 0)).all()  # the empty splits are the last ones
 
 
-@pytest.mark.parametrize("B,KV,max_blocks", [(1, 8, 128), (8, 8, 128), (64, 8, 128), (1, 1, 640), (2, 8, 20)])
+@pytest.mark.parametrize("B,KV,max_blocks", [(1, 8, 128), (8, 8, 128), (64, 8, 128), (1, 1, 640), (2, 8, 20),
+                                             (1, 8, 640), (2, 8, 640), (256, 8, 640)])
 def test_split_rule_matches_contiguous_tuning(B, KV, max_blocks):
     """Paged decode over a row of n blocks splits as `decode_attention` does over a cache of n * bs slots with
-    block_k = bs: the same number of non-empty splits and blocks per split, whatever the table width."""
+    block_k = bs, its split count capped at the grid's static count: the same number of non-empty splits and blocks
+    per split, whatever the table width. The static count is the auto rule's for the table's width, capped at
+    _MAX_SPLITS (batch 1, 640 blocks, 8 kv heads: 16, not 33)."""
     bs = 64
-    static = _num_splits(Block(), B, KV, max_blocks * bs, bs)
+    static = _static_splits(Block(), B, KV, max_blocks, bs)
+    auto = decode_attention._num_splits(decode_attention.Block(), B, KV, max_blocks * bs, bs)
+    assert static == min(auto, _MAX_SPLITS)
     for n in range(1, max_blocks + 1):
-        _, block_k, splits, chunk = decode_attention._tiling(decode_attention.Block(block_k=bs), B, KV, n * bs, 3)
+        auto = decode_attention._tiling(decode_attention.Block(block_k=bs), B, KV, n * bs, 3)[2]
+        contiguous = decode_attention.Block(block_k=bs, num_splits=min(auto, static))
+        _, block_k, splits, chunk = decode_attention._tiling(contiguous, B, KV, n * bs, 3)
         first, last = (np.asarray(x) for x in _split_blocks(n, np.arange(static), static))
         count = np.maximum(last - first, 0)
         assert (count > 0).sum() == splits and count.max() == chunk // block_k, n
+
+
+def test_static_splits():
+    """The grid's split count: explicit counts kept (at most one per table block), auto capped at _MAX_SPLITS."""
+    assert _static_splits(Block(), 1, 8, 640, 64) == _MAX_SPLITS == 16
+    assert _static_splits(Block(), 1, 8, 3, 64) == 3
+    assert _static_splits(Block(), 8, 8, 640, 64) == 5
+    assert _static_splits(Block(), 256, 8, 640, 64) == 1
+    assert _static_splits(Block(num_splits=33), 1, 8, 640, 64) == 33
+    assert _static_splits(Block(num_splits=33), 1, 8, 20, 64) == 20
 
 
 # ---------------------------------------------------------------------------------------------------- errors
