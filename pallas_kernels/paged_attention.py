@@ -16,7 +16,8 @@ Three ops, each a Pallas kernel (Triton lowering) beside its pure-jnp `*_referen
 The kernels are the contiguous-cache ones of attention.py and decode_attention.py (G query heads of a kv head
 stacked as the rows of one q tile, base-2 online softmax, masked loads past the last valid key) with one key tile
 per pool block: block_k is the pool's block_size, and each tile's block id is a scalar load from the table
-in-kernel, so the pools are read in place (each program sees the whole pool of its kv head).
+in-kernel (one block ahead: `_attend_blocks`), so the pools are read in place (each program sees the whole pool of
+its kv head).
 
 Decode splits: the grid's split count is static (`_static_splits`: about two programs per SM, as
 `decode_attention`, but at most 16), while the table is as wide as the model's context and most rows are short, so
@@ -97,13 +98,22 @@ def _split_blocks(n, split, splits):
 def _attend_blocks(q, block_of, k_ref, v_ref, carry, first, full, end, last_pos, row_pos=None, *, qk_scale):
     """Fold pool blocks j in [first, end) of a sequence into the online-softmax carry; q [rows, D].
 
-    block_of(j) is the block's pool id (a scalar table load); k_ref/v_ref [num_blocks, bs, D]. Blocks [first, full)
-    are used whole; blocks [full, end) are masked: keys past `last_pos` are never loaded, and each row sees keys
-    at positions <= row_pos [rows] (default: last_pos). Loop bounds are dynamic: blocks past `end` are never read."""
-    bs = k_ref.shape[1]
+    block_of(j) is the sequence's block table entry j (a scalar load); k_ref/v_ref [num_blocks, bs, D]. Blocks
+    [first, full) are used whole; blocks [full, end) are masked: keys past `last_pos` are never loaded, and each row
+    sees keys at positions <= row_pos [rows] (default: last_pos). Loop bounds are dynamic: blocks past `end` are
+    never read.
 
-    def body(j, carry, *, masked):
-        blk = block_of(j)
+    Iteration j loads block j + 1's id and carries it, so no tile's address waits on a load of its own iteration:
+    Triton's pipeliner then double-buffers the K/V tiles as for a contiguous cache (sm_90 TTGIR: two K and two V
+    buffers, tiles loaded two iterations ahead, the shared memory of `decode_attention`'s kernel; in prefill, three
+    of each, as attention.py's). With the id read in the iteration that uses it, the pipeliner single-buffered the
+    tiles: one tile in flight per program, waited for at the top of every iteration."""
+    bs = k_ref.shape[1]
+    last_entry = end - 1  # an id read ahead is never past the last block read (so never past the table)
+
+    def body(j, state, *, masked):
+        carry, blk = state
+        nxt = block_of(jnp.maximum(jnp.minimum(j + 1, last_entry), 0))
         if masked:
             kpos = j * bs + jnp.arange(bs)  # [bs]
             ok = (kpos <= last_pos)[:, None]
@@ -116,10 +126,11 @@ def _attend_blocks(q, block_of, k_ref, v_ref, carry, first, full, end, last_pos,
         if masked:
             seen = (kpos <= last_pos)[None, :] if row_pos is None else kpos[None, :] <= row_pos[:, None]
             s = jnp.where(seen, s, _MASK)
-        return _softmax_step(carry, s, v)
+        return _softmax_step(carry, s, v), nxt
 
-    carry = lax.fori_loop(first, full, functools.partial(body, masked=False), carry)
-    return lax.fori_loop(full, end, functools.partial(body, masked=True), carry)
+    state = (carry, block_of(jnp.maximum(jnp.minimum(first, last_entry), 0)))
+    state = lax.fori_loop(first, full, functools.partial(body, masked=False), state)
+    return lax.fori_loop(full, end, functools.partial(body, masked=True), state)[0]
 
 
 def _decode_blocks(stop, split, splits, n_keys, bs):
