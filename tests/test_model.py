@@ -186,14 +186,14 @@ def test_real_shape_kernels_stay_finite_and_track_reference_on_gpu():
         for name in ("q_norm", "k_norm"):
             key = jax.random.key(100 + 2 * i + (name == "k_norm"))
             layer[name] = jax.random.uniform(key, (128,), jnp.float32, 0, 100).astype(jnp.bfloat16)
-    ids = jnp.asarray(np.random.default_rng(5).integers(0, 151936, (2, 300)))
-    pos = jnp.broadcast_to(jnp.arange(300, dtype=jnp.int32), (2, 300))
+    ids = np.random.default_rng(5).integers(0, 151936, (2, 300)).astype(np.int32)
+    pos = np.broadcast_to(np.arange(300, dtype=np.int32), (2, 300))
 
     def step(cfg, kernels):  # the prompt, then one decode step from its cache (the decode kernels at batch 2)
         def run(p):
             prefill = forward_rows(p, ids, pos, row_cache(cfg, 2, 320), config=cfg, kernels=kernels,
                                 return_hidden=True)
-            decode = forward_rows(p, ids[:, :1], jnp.full((2, 1), 300, jnp.int32), prefill[1], config=cfg,
+            decode = forward_rows(p, ids[:, :1], np.full((2, 1), 300, np.int32), prefill[1], config=cfg,
                                kernels=kernels, return_hidden=True)
             return prefill[0], prefill[2], decode[0], decode[2]
         return jax.jit(run)
