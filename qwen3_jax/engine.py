@@ -263,8 +263,8 @@ class LLMEngine:
 
     # ---- prefill ---------------------------------------------------------------------------------------
     def _run_prefill(self, batch: PrefillBatch, changed: dict) -> None:
-        n = batch.num_tokens
-        num_tokens = next(b for b in self.prefill_buckets if b >= n)
+        opts = self._options(batch.seqs, prompt=True)
+        num_tokens = self._bucket("prefill", batch.num_tokens, opts)
         rows = self.max_prefill_seqs
         tokens = np.zeros(num_tokens, np.int32)
         positions = np.full(num_tokens, -1, np.int32)
@@ -284,7 +284,6 @@ class LLMEngine:
             start += chunk
         meta = AttentionMetadata.for_prefill(tables, seq_lens, batch.chunks, block_size=self.options.block_size,
                                              num_tokens=num_tokens, num_seqs=rows, max_blocks=self.max_blocks_per_seq)
-        opts = self._options(batch.seqs, prompt=True)
         samp, seeds, counts = self._sampling_rows(batch.seqs, rows)
         args = (self.model.params, self.cache, jnp.asarray(tokens), jnp.asarray(positions), meta, jnp.asarray(last),
                 jnp.asarray(targets), samp, seeds, counts)
@@ -314,9 +313,10 @@ class LLMEngine:
 
     # ---- decode ----------------------------------------------------------------------------------------
     def _dispatch_decode(self, batch: DecodeBatch, tokens=None, positions=None, counts=None, prev=None) -> _InFlight:
-        rows = next(b for b in self.decode_buckets if b >= len(batch.seqs))
         n = len(batch.seqs)
         if prev is None:
+            opts = self._options(batch.seqs, prompt=False)
+            rows = self._bucket("decode", n, opts)
             positions = np.full(rows, -1, np.int32)
             positions[:n] = [s.num_tokens - 1 for s in batch.seqs]
             counts = np.zeros(rows, np.int32)
@@ -326,10 +326,10 @@ class LLMEngine:
             tokens = jnp.asarray(feed)
             stops = np.zeros(rows, np.int32)
             stops[:n] = [s.max_len - 1 for s in batch.seqs]
-            opts = self._options(batch.seqs, prompt=False)
             samp, seeds, _ = self._sampling_rows(batch.seqs, rows)
         else:
             stops, opts, samp, seeds = prev.stops, prev.opts, prev.samp, prev.seeds
+            rows = len(positions)
         tables = np.zeros((rows, self.max_blocks_per_seq), np.int32)
         for i, s in enumerate(batch.seqs):
             tables[i, :len(s.block_table)] = s.block_table
@@ -349,7 +349,7 @@ class LLMEngine:
         live = [i for i, s in enumerate(seqs) if not s.finished]
         if not live or len(live) != len(sched.running):  # all done, or sequences admitted meanwhile
             return None
-        if next(b for b in self.decode_buckets if b >= len(live)) < len(done.positions):
+        if self._bucket("decode", len(live), done.opts) < len(done.positions):
             return None  # a smaller batch would do: reschedule (compacts the rows)
         k = self.options.decode_steps
         alive = np.zeros(len(done.positions), bool)
@@ -402,6 +402,16 @@ class LLMEngine:
             self.scheduler.finish(seq, "length")
         if seq.finished and decoder is not None:
             self._texts[seq.request_id] += decoder.flush()
+
+    def _bucket(self, kind: str, n: int, opts: StepOptions) -> int:
+        """The step size (decode rows or prefill tokens) to run `n` in: the smallest bucket that fits; without
+        precompile, the smallest already compiled one that fits if any, so a run compiles few executables."""
+        buckets = self.decode_buckets if kind == "decode" else self.prefill_buckets
+        fits = [b for b in buckets if b >= n]
+        if not self.options.precompile:
+            compiled = self.steps.compiled_sizes(kind, opts)
+            fits = [b for b in fits if b in compiled] or fits
+        return fits[0]
 
     # ---- helpers ---------------------------------------------------------------------------------------
     def _options(self, seqs, *, prompt: bool) -> StepOptions:

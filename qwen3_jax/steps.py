@@ -94,6 +94,7 @@ class StepCompiler:
     def __init__(self, config: Qwen3Config, kernels: Kernels, num_steps: int):
         self.config, self.kernels, self.num_steps = config, kernels, num_steps
         self._compiled: dict = {}
+        self._sizes: dict[tuple[str, StepOptions], set[int]] = {}  # step sizes compiled per (kind, options)
         self.compile_seconds = 0.0  # spent compiling so far, at start-up and on first use
 
     def _jit(self, kind: str, opts: StepOptions):
@@ -109,6 +110,10 @@ class StepCompiler:
                      _bucket(kind, args))
             self._compiled[key] = self._compile(kind, opts, args)
         return self._compiled[key]
+
+    def compiled_sizes(self, kind: str, opts: StepOptions) -> set[int]:
+        """Step sizes (prefill tokens, decode rows) compiled so far for this kind and options."""
+        return self._sizes.get((kind, opts), set())
 
     def compile_all(self, jobs: list[tuple[str, StepOptions, tuple]], *, progress: bool = True) -> float:
         """Compile every (kind, options, abstract args) job not compiled yet; returns the seconds it took."""
@@ -131,6 +136,7 @@ class StepCompiler:
         return seconds
 
     def _compile(self, kind: str, opts: StepOptions, args: tuple):
+        self._sizes.setdefault((kind, opts), set()).add(args[2].shape[0])  # tokens [N] / rows [B]
         t0 = time.perf_counter()
         compiled = self._jit(kind, opts).lower(*args).compile(compiler_options=EXACT_ROUNDING)
         self.compile_seconds += time.perf_counter() - t0  # (summed over threads: CPU-seconds at start-up)
