@@ -105,19 +105,13 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *out_refs, groups, rows, bl
     _store(out_refs, *carry, rows=rows, groups=groups)
 
 
-def _decode_qkv_kernel(pos_ref, inv_freq_ref, q_norm_ref, k_norm_ref, qkv_ref, k_ref, v_ref, *out_refs,
-                       groups, rows, block_k, chunk, scale, eps, num_heads, num_kv_heads):
-    # pos_ref []: this token's position (= its cache slot); inv_freq_ref [D] (the D/2 frequencies twice);
-    # qkv_ref [Hq + 2KV, D]: the row's projection, one head per row; k_ref/v_ref [S, D]: this (row, kv head)'s
-    # caches, read in place; out_refs: as _decode_kernel's, then the caches again (aliased: written at pos).
-    *out_refs, k_out_ref, v_out_ref = out_refs
-    kv_len, head_dim = k_ref.shape
+def _new_token(pos, qkv_ref, inv_freq_ref, q_norm_ref, k_norm_ref, *, groups, rows, eps, num_heads, num_kv_heads):
+    """The fused decode epilogue for kv head program_id(1): (y [rows, D] f32, rows [0, G) the RoPE'd
+    q heads and row G the RoPE'd k head; k_new [D] f32; v_new [1, D]). Values in f32 hold exactly what torch
+    holds in the activation dtype."""
+    head_dim = qkv_ref.shape[1]
     dtype = qkv_ref.dtype
-    g, split = pl.program_id(1), pl.program_id(2)
-    pos = pos_ref[()]
-
-    # One tile: rows [0, G) hold the group's q heads, row G its k head, the rest zeros (never stored).
-    # Values stay in f32 holding exactly what torch holds in the activation dtype (see `round_f32`).
+    g = pl.program_id(1)
     r = jnp.arange(rows)
     is_k = (r == groups)[:, None]  # [rows, 1]
     head = jnp.where(r < groups, g * groups + r, num_heads + g)  # [rows]: qkv_ref row of each tile row
@@ -131,18 +125,32 @@ def _decode_qkv_kernel(pos_ref, inv_freq_ref, q_norm_ref, k_norm_ref, qkv_ref, k
                       q_norm_ref[cols].astype(jnp.float32)[None, :])
         return x, w
 
-    # rotate_half(n)[d] = -n[d + D/2] (d < D/2), n[d - D/2] (d >= D/2): the same per-row RMSNorm applied to
-    # the heads loaded at the swapped columns gives the swapped n exactly, with no shuffle across lanes.
+    # rotate_half(n) from the same RMSNorm of the heads loaded at swapped columns (no shuffle across lanes).
     (x, w), (x_sw, w_sw) = heads_at(d), heads_at((d + half) % head_dim)
     inv_rms = lax.rsqrt(jnp.sum(x * x, axis=1) / head_dim + eps)[:, None]
     n = weight_normalized(x, inv_rms, w, dtype)
     n_sw = weight_normalized(x_sw, inv_rms, w_sw, dtype)
     rotated = jnp.where((d < half)[None, :], -n_sw, n_sw)
-    freqs = pos.astype(jnp.float32) * inv_freq_ref[...]  # [D]
-    cos, sin = _rope_tables(freqs, dtype)
-    y = _rope_combine(n, cos[None, :], rotated, sin[None, :], dtype)  # [rows, D]: RoPE'd q heads, and row G the RoPE'd k
+    cos, sin = _rope_tables(pos.astype(jnp.float32) * inv_freq_ref[...], dtype)  # [D]
+    y = _rope_combine(n, cos[None, :], rotated, sin[None, :], dtype)  # [rows, D]
     k_new = jnp.sum(jnp.where(is_k, y, 0.0), axis=0)  # [D]
     v_new = qkv_ref[pl.ds(num_heads + num_kv_heads + g, 1), :]  # [1, D]
+    return y, k_new, v_new
+
+
+def _decode_qkv_kernel(pos_ref, inv_freq_ref, q_norm_ref, k_norm_ref, qkv_ref, k_ref, v_ref, *out_refs,
+                       groups, rows, block_k, chunk, scale, eps, num_heads, num_kv_heads):
+    # pos_ref []: this token's position (= its cache slot); inv_freq_ref [D] (the D/2 frequencies twice);
+    # qkv_ref [Hq + 2KV, D]: the row's projection, one head per row; k_ref/v_ref [S, D]: this (row, kv head)'s
+    # caches, read in place; out_refs: as _decode_kernel's, then the caches again (aliased: written at pos).
+    *out_refs, k_out_ref, v_out_ref = out_refs
+    kv_len, head_dim = k_ref.shape
+    dtype = qkv_ref.dtype
+    split = pl.program_id(2)
+    pos = pos_ref[()]
+
+    y, k_new, v_new = _new_token(pos, qkv_ref, inv_freq_ref, q_norm_ref, k_norm_ref, groups=groups, rows=rows,
+                                 eps=eps, num_heads=num_heads, num_kv_heads=num_kv_heads)
 
     @pl.when((split == 0) & (pos < kv_len))
     def _():  # split 0 stores the token's k and v; no program reads that slot (the loops stop before pos)

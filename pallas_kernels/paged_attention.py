@@ -44,12 +44,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.attention import (_LOG2E, _MIN_ROWS, _MASK, _check_kernel_operands, _dot, _next_pow2,
                                       _softmax_init, _softmax_step, attention_reference)
-from pallas_kernels.decode_attention import (_MIN_TILES_PER_SPLIT, _SHORT_CACHE_SPLITS, _num_splits, _outputs,
-                                             _store)
-from pallas_kernels.qkv_rope import _rope_combine, _rope_tables
+from pallas_kernels.decode_attention import (_MIN_TILES_PER_SPLIT, _SHORT_CACHE_SPLITS, _new_token, _num_splits,
+                                             _outputs, _store)
 from pallas_kernels.qkv_rope import check_args as check_qkv_args
 from pallas_kernels.qkv_rope import qkv_rope_reference
-from pallas_kernels.rms_norm import weight_normalized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,39 +183,6 @@ def _decode_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *out_refs, groups, r
                            _softmax_init(rows, head_dim), first, full, end, length - 1,
                            qk_scale=scale * _LOG2E)  # softmax in base 2: exp(x) = exp2(x * log2(e))
     _finish(out_refs, *carry, rows=rows, groups=groups)
-
-
-def _new_token(pos, qkv_ref, inv_freq_ref, q_norm_ref, k_norm_ref, *, groups, rows, eps, num_heads, num_kv_heads):
-    """`decode_attention`'s fused epilogue for kv head program_id(1): (y [rows, D] f32, rows [0, G) the RoPE'd
-    q heads and row G the RoPE'd k head; k_new [D] f32; v_new [1, D]). Values in f32 hold exactly what torch
-    holds in the activation dtype."""
-    head_dim = qkv_ref.shape[1]
-    dtype = qkv_ref.dtype
-    g = pl.program_id(1)
-    r = jnp.arange(rows)
-    is_k = (r == groups)[:, None]  # [rows, 1]
-    head = jnp.where(r < groups, g * groups + r, num_heads + g)  # [rows]: qkv_ref row of each tile row
-    in_tile = jnp.broadcast_to((r <= groups)[:, None], (rows, head_dim))
-    d = jnp.arange(head_dim)
-    half = head_dim // 2
-
-    def heads_at(cols):  # the tile's heads at columns `cols` [D], and their norm weights there
-        x = plgpu.load(qkv_ref.at[head[:, None], cols[None, :]], mask=in_tile, other=0).astype(jnp.float32)
-        w = jnp.where(is_k, k_norm_ref[cols].astype(jnp.float32)[None, :],
-                      q_norm_ref[cols].astype(jnp.float32)[None, :])
-        return x, w
-
-    # rotate_half(n) from the same RMSNorm of the heads loaded at swapped columns (no shuffle across lanes).
-    (x, w), (x_sw, w_sw) = heads_at(d), heads_at((d + half) % head_dim)
-    inv_rms = lax.rsqrt(jnp.sum(x * x, axis=1) / head_dim + eps)[:, None]
-    n = weight_normalized(x, inv_rms, w, dtype)
-    n_sw = weight_normalized(x_sw, inv_rms, w_sw, dtype)
-    rotated = jnp.where((d < half)[None, :], -n_sw, n_sw)
-    cos, sin = _rope_tables(pos.astype(jnp.float32) * inv_freq_ref[...], dtype)  # [D]
-    y = _rope_combine(n, cos[None, :], rotated, sin[None, :], dtype)  # [rows, D]
-    k_new = jnp.sum(jnp.where(is_k, y, 0.0), axis=0)  # [D]
-    v_new = qkv_ref[pl.ds(num_heads + num_kv_heads + g, 1), :]  # [1, D]
-    return y, k_new, v_new
 
 
 def _decode_qkv_kernel(pos_ref, table_ref, inv_freq_ref, q_norm_ref, k_norm_ref, qkv_ref, k_ref, v_ref, *out_refs,

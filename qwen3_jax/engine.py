@@ -24,7 +24,7 @@ import numpy as np
 from .block_manager import BlockManager
 from .kv_cache import AttentionMetadata, CacheOverflowError, KVCache, check_block_size
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampling import MAX_LOGPROBS, SamplingParams, batch_arrays
+from .sampling import SamplingParams, batch_arrays
 from .scheduler import DecodeBatch, PrefillBatch, Scheduler, Sequence, Status
 from .steps import StepCompiler, StepOptions
 from .tokenizer import StreamDecoder
