@@ -1,7 +1,12 @@
 """Shared pytest set-up: GPU-only tests (marker `gpu`) skip cleanly where JAX sees no GPU."""
 
-import jax
-import pytest
+import os
+
+# Before jax is imported: `pytest -n 8` runs eight processes on one GPU, and each would otherwise take 75% of it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 ON_GPU = jax.default_backend() == "gpu"
 # Pallas kernels run in interpret mode wherever there is no GPU (CI, laptops).
