@@ -50,16 +50,20 @@ class Qwen3:
         return self._require_tokenizer().apply_chat_template(messages, add_generation_prompt=True,
                                                              enable_thinking=enable_thinking, tools=tools)
 
-    def engine(self, *, min_seqs: int = 1, decode_steps: int | None = None):
-        """This model's shared engine for `generate`, grown (rebuilt) when a call needs more sequences or other
-        decode steps; steps compile on first use."""
+    def engine(self, *, min_seqs: int = 1, decode_steps: int | None = None, min_blocks: int = 0):
+        """This model's shared engine for `generate`: a KV pool of the blocks its calls have needed (not the
+        device's memory, as `LLM` takes), steps compiled on first use; rebuilt larger when a call needs more
+        sequences or blocks, or other decode steps."""
         current = self._engine
         want_steps = decode_steps or EngineOptions.decode_steps
-        if current is None or current.options.max_num_seqs < min_seqs or current.options.decode_steps != want_steps:
+        if (current is None or current.options.max_num_seqs < min_seqs or current.options.decode_steps != want_steps
+                or current.blocks.num_blocks < min_blocks):
             seqs = max(min_seqs, current.options.max_num_seqs if current is not None else 1)
+            blocks = max(min_blocks, current.blocks.num_blocks if current is not None else 0)
             self._engine = None  # release the old pool first
             self._engine = LLMEngine(self, EngineOptions(max_num_seqs=1 << (seqs - 1).bit_length(),
-                                                         decode_steps=want_steps, precompile=False))
+                                                         decode_steps=want_steps, num_blocks=blocks or None,
+                                                         precompile=False))
         return self._engine
 
     def _require_tokenizer(self) -> Tokenizer:
@@ -155,7 +159,9 @@ def generate(model: Qwen3, prompts: str | Sequence[str] | Sequence[Sequence[int]
                 f"{len(p) + max_new_tokens} positions, beyond the model's context of "
                 f"{model.config.max_position_embeddings} (max_position_embeddings)")
 
-    engine = model.engine(min_seqs=len(ids), decode_steps=chunk)
+    block_size = EngineOptions.block_size
+    blocks = sum(-(-(len(p) + max_new_tokens) // block_size) for p in ids)  # every request's whole length at once
+    engine = model.engine(min_seqs=len(ids), decode_steps=chunk, min_blocks=blocks)
     compile0 = engine.steps.compile_seconds
     stats = GenerationStats(prompt_tokens=sum(len(p) for p in ids))
     sent = [0] * len(ids)
