@@ -456,6 +456,18 @@ class LLMEngine:
             jobs += [("decode", opts, self._decode_shapes(b)) for b in self.decode_buckets]
         return self.steps.compile_all(jobs)
 
+    def compile_for(self, num_seqs: int, prompt_tokens: int, params: list[SamplingParams]) -> float:
+        """Compile (concurrently, now) the prefill and decode steps a run of `num_seqs` requests with
+        `prompt_tokens` prompt tokens in all will start with; returns seconds. Without precompile this keeps the
+        first compilations out of a streaming run."""
+        opts = StepOptions(greedy=all(p.greedy for p in params), logprobs=any(p.logprobs is not None for p in params),
+                           prompt_logprobs=any(p.prompt_logprobs is not None for p in params))
+        tokens = self._bucket("prefill", min(prompt_tokens, self.options.max_num_batched_tokens), opts)
+        decode_opts = dataclasses.replace(opts, prompt_logprobs=False)
+        rows = self._bucket("decode", min(num_seqs, self.options.max_num_seqs), decode_opts)
+        return self.steps.compile_all([("prefill", opts, self._prefill_shapes(tokens)),
+                                       ("decode", decode_opts, self._decode_shapes(rows))], progress=False)
+
     def _prefill_shapes(self, num_tokens: int) -> tuple:
         rows, i32 = self.max_prefill_seqs, np.int32
         meta = AttentionMetadata(_spec((rows, self.max_blocks_per_seq), i32), _spec((rows,), i32),

@@ -162,7 +162,10 @@ def generate(model: Qwen3, prompts: str | Sequence[str] | Sequence[Sequence[int]
     block_size = EngineOptions.block_size
     blocks = sum(-(-(len(p) + max_new_tokens) // block_size) for p in ids)  # every request's whole length at once
     engine = model.engine(min_seqs=len(ids), decode_steps=chunk, min_blocks=blocks)
-    compile0 = engine.steps.compile_seconds
+    t_compile = time.perf_counter()
+    engine.compile_for(len(ids), sum(len(p) for p in ids), [sampling])  # before any text streams
+    t_compile = time.perf_counter() - t_compile
+    compile0 = engine.steps.compile_seconds  # later compilations (a step shape met mid-run) are timed apart
     stats = GenerationStats(prompt_tokens=sum(len(p) for p in ids))
     sent = [0] * len(ids)
     first: list[tuple[float, float] | None] = [None] * len(ids)  # (time, compile seconds so far) of a first token
@@ -177,7 +180,7 @@ def generate(model: Qwen3, prompts: str | Sequence[str] | Sequence[Sequence[int]
     t0 = time.perf_counter()
     outs = engine.generate(ids, [sampling] * len(ids), on_output=on_output)
     t1 = time.perf_counter()
-    stats.compile_s = engine.steps.compile_seconds - compile0
+    stats.compile_s = t_compile + engine.steps.compile_seconds - compile0
     first_token, compiled_by_then = min(t for t in first if t is not None)
     stats.time_to_first_token_s = stats.prefill_s = first_token - t0 - (compiled_by_then - compile0)
     stats.decode_s = t1 - first_token - (engine.steps.compile_seconds - compiled_by_then)
