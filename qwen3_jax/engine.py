@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from .block_manager import BlockManager
-from .kv_cache import AttentionMetadata, CacheOverflowError, KVCache, check_block_size
+from .kv_cache import AttentionMetadata, CacheOverflowError, KVCache, blocks_for_memory, check_block_size
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampling import SamplingParams, batch_arrays
 from .scheduler import DecodeBatch, PrefillBatch, Scheduler, Sequence, Status
-from .steps import StepCompiler, StepOptions
+from .steps import StepCompiler, StepOptions, decode_arg_shapes, prefill_arg_shapes
 from .tokenizer import StreamDecoder
 
 log = logging.getLogger("qwen3_jax")
@@ -106,7 +106,11 @@ class LLMEngine:
         if options.num_blocks is not None and options.num_blocks > most:
             raise ValueError(f"num_blocks={options.num_blocks} is more than one layer's pool can address ({most} "
                              f"blocks of {options.block_size}: int32 offsets in the attention kernels)")
-        num_blocks = options.num_blocks or min(self._blocks_for_memory(), most)
+        num_blocks = options.num_blocks or min(most, blocks_for_memory(
+            self.config, block_size=options.block_size, utilization=options.gpu_memory_utilization,
+            max_num_batched_tokens=options.max_num_batched_tokens,
+            max_rows=max(options.max_num_seqs, self.max_prefill_seqs),
+            fallback_tokens=min(max_model_len, 1024) * min(options.max_num_seqs, 16) + max_model_len))
         self.cache = KVCache.init(self.config, num_blocks, options.block_size)
         log.info("KV cache: %d blocks of %d positions (%d tokens, %.2f GiB)", num_blocks, options.block_size,
                  num_blocks * options.block_size, self.cache.nbytes / 2**30)
@@ -447,6 +451,13 @@ class LLMEngine:
                 "preemptions": self.scheduler.num_preemptions}
 
     # ---- start-up --------------------------------------------------------------------------------------
+    def _prefill_shapes(self, num_tokens: int) -> tuple:
+        return prefill_arg_shapes(self.model.params, self.cache, num_tokens, self.max_prefill_seqs,
+                                  self.max_blocks_per_seq)
+
+    def _decode_shapes(self, rows: int) -> tuple:
+        return decode_arg_shapes(self.model.params, self.cache, rows, self.max_blocks_per_seq)
+
     def compile_all(self) -> float:
         """Compile the prefill and decode steps of every bucket (greedy and sampled) now; returns seconds."""
         jobs = []
@@ -468,64 +479,11 @@ class LLMEngine:
         return self.steps.compile_all([("prefill", opts, self._prefill_shapes(tokens)),
                                        ("decode", decode_opts, self._decode_shapes(rows))], progress=False)
 
-    def _prefill_shapes(self, num_tokens: int) -> tuple:
-        rows, i32 = self.max_prefill_seqs, np.int32
-        meta = AttentionMetadata(_spec((rows, self.max_blocks_per_seq), i32), _spec((rows,), i32),
-                                 _spec((rows + 1,), i32), _spec((num_tokens,), i32), decode=False)
-        return (self.model.params, self.cache, _spec((num_tokens,), i32), _spec((num_tokens,), i32), meta,
-                _spec((rows,), i32), _spec((num_tokens,), i32), *self._sampling_shapes(rows))
-
-    def _decode_shapes(self, rows: int) -> tuple:
-        i32 = np.int32
-        return (self.model.params, self.cache, _spec((rows,), i32), _spec((rows,), i32), _spec((rows,), i32),
-                _spec((rows, self.max_blocks_per_seq), i32), *self._sampling_shapes(rows))
-
-    @staticmethod
-    def _sampling_shapes(rows: int) -> tuple:
-        samp = {k: _spec(v.shape, v.dtype) for k, v in batch_arrays([], rows).items()}
-        return samp, _spec((rows,), np.uint32), _spec((rows,), np.int32)
-
-    def _blocks_for_memory(self) -> int:
-        """Blocks that fit in gpu_memory_utilization of the device after the weights and a reserve for the
-        steps' activations; without memory statistics (CPU), enough for max_num_seqs x 1,024 positions."""
-        per_block = KVCache.bytes_per_block(self.config, self.options.block_size)
-        stats = jax.local_devices()[0].memory_stats() or {}
-        limit = stats.get("bytes_limit")
-        if not limit:
-            tokens = min(self.options.max_model_len, 1024) * min(self.options.max_num_seqs, 16)
-            return max(self.blocks_needed_for(tokens), self.max_blocks_per_seq + 2)
-        used = stats.get("bytes_in_use", 0)
-        budget = limit * self.options.gpu_memory_utilization - used - self._activation_reserve()
-        blocks = int(budget // per_block)
-        if blocks < 2:
-            raise CacheOverflowError(
-                f"no device memory left for the KV cache: {limit / 2**30:.1f} GiB usable x "
-                f"gpu_memory_utilization={self.options.gpu_memory_utilization} - {used / 2**30:.1f} GiB in use "
-                f"(weights) - {self._activation_reserve() / 2**30:.1f} GiB for activations; raise "
-                "gpu_memory_utilization, lower max_num_batched_tokens, or pass num_blocks")
-        return blocks
-
-    def blocks_needed_for(self, tokens: int) -> int:
-        return -(-tokens // self.options.block_size)
-
-    def _activation_reserve(self) -> int:
-        """A generous bound on one step's temporaries: the largest prefill's hidden states, projections and MLP
-        in f32, the sampled rows' logits and sort buffers, and 512 MiB of slack."""
-        c = self.config
-        n = self.options.max_num_batched_tokens
-        width = 4 * c.hidden_size + 2 * c.intermediate_size + c.q_size + 2 * c.kv_size
-        rows = max(self.options.max_num_seqs, self.max_prefill_seqs)
-        return int(4 * n * width * 2 + 4 * rows * c.vocab_size * 6 + 512 * 2**20)
-
 
 def _progress_bar(total: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="requests", unit="req")
-
-
-def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
 
 def _logprob_entry(token: int, chosen, top_ids, top_values, k: int) -> dict[int, float]:

@@ -59,6 +59,28 @@ class KVCache:
         return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
 
 
+def blocks_for_memory(config: Qwen3Config, *, block_size: int, utilization: float, max_num_batched_tokens: int,
+                      max_rows: int, fallback_tokens: int) -> int:
+    """KV blocks that fit in `utilization` of the device's memory after what is in use (the weights) and a
+    reserve for one step's temporaries; without memory statistics (CPU), enough for `fallback_tokens`."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if not limit:
+        return -(-fallback_tokens // block_size)
+    used = stats.get("bytes_in_use", 0)
+    # A generous bound on one step's temporaries: the largest prefill's hidden states, projections and MLP in
+    # f32, the sampled rows' logits and sort buffers, and 512 MiB of slack.
+    width = 4 * config.hidden_size + 2 * config.intermediate_size + config.q_size + 2 * config.kv_size
+    reserve = 8 * max_num_batched_tokens * width + 24 * max_rows * config.vocab_size + 512 * 2**20
+    blocks = int((limit * utilization - used - reserve) // KVCache.bytes_per_block(config, block_size))
+    if blocks < 2:
+        raise CacheOverflowError(
+            f"no device memory left for the KV cache: {limit / 2**30:.1f} GiB usable x gpu_memory_utilization="
+            f"{utilization} - {used / 2**30:.1f} GiB in use (weights) - {reserve / 2**30:.1f} GiB for "
+            "activations; raise gpu_memory_utilization, lower max_num_batched_tokens, or pass num_blocks")
+    return blocks
+
+
 def check_block_size(block_size: int) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16 (one attention key tile), got {block_size!r}")

@@ -17,12 +17,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .config import Qwen3Config
 from .kv_cache import AttentionMetadata, KVCache
 from .model import forward
 from .ops import Kernels
-from .sampling import MAX_LOGPROBS, request_keys, sample, token_logprobs
+from .sampling import MAX_LOGPROBS, batch_arrays, request_keys, sample, token_logprobs
 
 log = logging.getLogger("qwen3_jax")
 # XLA may otherwise skip a bf16 rounding between fused ops ("excess precision"); torch rounds after every op, and
@@ -85,6 +86,32 @@ def decode_step(params, cache: KVCache, tokens, positions, stops, block_tables, 
 
     _, cache, outs = jax.lax.fori_loop(0, num_steps, body, (tokens, cache, outs))
     return outs, cache
+
+
+def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+def _sampling_shapes(rows: int) -> tuple:
+    samp = {k: _spec(v.shape, v.dtype) for k, v in batch_arrays([], rows).items()}
+    return samp, _spec((rows,), np.uint32), _spec((rows,), np.int32)
+
+
+def prefill_arg_shapes(params, cache: KVCache, num_tokens: int, rows: int, max_blocks: int) -> tuple:
+    """`prefill_step`'s arguments for a bucket of `num_tokens` tokens from at most `rows` sequences (abstract,
+    for compiling ahead)."""
+    i32 = np.int32
+    meta = AttentionMetadata(_spec((rows, max_blocks), i32), _spec((rows,), i32), _spec((rows + 1,), i32),
+                             _spec((num_tokens,), i32), decode=False)
+    return (params, cache, _spec((num_tokens,), i32), _spec((num_tokens,), i32), meta, _spec((rows,), i32),
+            _spec((num_tokens,), i32), *_sampling_shapes(rows))
+
+
+def decode_arg_shapes(params, cache: KVCache, rows: int, max_blocks: int) -> tuple:
+    """`decode_step`'s arguments for a bucket of `rows` rows (abstract, for compiling ahead)."""
+    i32 = np.int32
+    return (params, cache, _spec((rows,), i32), _spec((rows,), i32), _spec((rows,), i32),
+            _spec((rows, max_blocks), i32), *_sampling_shapes(rows))
 
 
 class StepCompiler:
