@@ -392,20 +392,37 @@ class LLMEngine:
             self.blocks.cache_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.block_hashes)
 
     def _append(self, seq: Sequence, token: int, out: dict, index: tuple) -> None:
-        """A new token for `seq`; finishes it on a stop token or at its length limit."""
+        """A new token for `seq`; finishes it on a stop token, a stop string or at its length limit."""
         seq.output_token_ids.append(token)
         if seq.logprobs is not None:
             seq.logprobs.append(_logprob_entry(token, out["logprob"][index], out["top_ids"][index],
                                                out["top_logprobs"][index], seq.params.logprobs))
-        decoder = self._decoders.get(seq.request_id)
-        if decoder is not None:
-            self._texts[seq.request_id] += decoder.add([token])
         if token in seq.stop_ids:
             self.scheduler.finish(seq, "stop")
+            seq.stop_reason = token if token in seq.params.stop_token_ids else None
         elif seq.num_tokens >= seq.max_len:
             self.scheduler.finish(seq, "length")
-        if seq.finished and decoder is not None:
-            self._texts[seq.request_id] += decoder.flush()
+        decoder = self._decoders.get(seq.request_id)
+        if decoder is not None:
+            new = decoder.add([token]) + (decoder.flush() if seq.finished else "")
+            self._texts[seq.request_id] += new
+            if new and seq.params.stop:
+                self._check_stop_strings(seq, len(new))
+
+    def _check_stop_strings(self, seq: Sequence, num_new: int) -> None:
+        """Finish `seq` at the earliest stop string that the last `num_new` characters complete; the text ends
+        before it (or after it, with include_stop_str_in_output)."""
+        text = self._texts[seq.request_id]
+        longest = max(len(s) for s in seq.params.stop)
+        start = max(0, len(text) - num_new - longest + 1)
+        found = [(i, s) for s in seq.params.stop if (i := text.find(s, start)) >= 0]
+        if not found:
+            return
+        i, stop = min(found)
+        self._texts[seq.request_id] = text[:i + len(stop)] if seq.params.include_stop_str_in_output else text[:i]
+        if not seq.finished:
+            self.scheduler.finish(seq, "stop")
+        seq.finish_reason, seq.stop_reason = "stop", stop
 
     def _bucket(self, kind: str, n: int, opts: StepOptions) -> int:
         """The step size (decode rows or prefill tokens) to run `n` in: the smallest bucket that fits; without
@@ -435,8 +452,11 @@ class LLMEngine:
 
     def _request_output(self, seq: Sequence) -> RequestOutput:
         text = self._texts.get(seq.request_id)
+        if text is not None and seq.params.stop and not seq.finished:
+            # Hold back what may be the start of a stop string, so streamed text never has to be taken back.
+            text = text[:max(0, len(text) - max(len(s) for s in seq.params.stop) + 1)]
         completion = CompletionOutput(0, text, list(seq.output_token_ids), seq.finish_reason,
-                                      list(seq.logprobs) if seq.logprobs is not None else None)
+                                      list(seq.logprobs) if seq.logprobs is not None else None, seq.stop_reason)
         metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finished_time, seq.num_cached_tokens,
                                  seq.num_preemptions)
         return RequestOutput(seq.request_id, list(seq.prompt_token_ids), [completion], seq.finished,

@@ -13,8 +13,9 @@ class CompletionOutput:
     index: int
     text: str | None  # None when the model has no tokenizer
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (EOS or a stop token), "length" (max_tokens or max_model_len), "abort"
+    finish_reason: str | None  # "stop" (EOS, a stop token or string), "length" (max_tokens or max_model_len), "abort"
     logprobs: list[dict[int, float]] | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it (None for EOS / length)
 
     @property
     def finished(self) -> bool:

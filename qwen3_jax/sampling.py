@@ -18,8 +18,10 @@ class SamplingParams:
     """How one request's tokens are chosen and when it stops.
 
     temperature=0 means greedy; top_k=0, top_p=1, min_p=0 switch a filter off. seed=None draws a fresh seed per
-    request. The request stops after `max_tokens` new tokens, at an EOS token (unless `ignore_eos`) or at any of
-    `stop_token_ids` (the stop token is kept in the output, as vLLM does). `logprobs=k` returns, for each
+    request. The request stops after `max_tokens` new tokens, at an EOS token (unless `ignore_eos`), at any of
+    `stop_token_ids` (the stop token is kept in the output, as vLLM does) or when the text contains any of the
+    `stop` strings (the text ends before the match unless `include_stop_str_in_output`; checked on the host as the
+    text is detokenized, so a string spanning several tokens is found). `logprobs=k` returns, for each
     generated token, its log-probability and the k most likely tokens'; `prompt_logprobs=k` the same for every
     prompt token after the first. Log-probabilities are the model's (log_softmax of the logits, before
     temperature and filters), as vLLM returns them.
@@ -33,6 +35,8 @@ class SamplingParams:
     max_tokens: int = 16
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
 
@@ -64,6 +68,12 @@ class SamplingParams:
         if isinstance(stop, (str, bytes)) or not isinstance(stop, Sequence) or not all(is_int(t) and t >= 0 for t in stop):
             bad("stop_token_ids", "must be a list of non-negative token ids")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop))
+        strings = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(strings, Sequence) or not all(isinstance(t, str) and t for t in strings):
+            bad("stop", "must be a string or a list of non-empty strings")
+        object.__setattr__(self, "stop", tuple(strings))
+        if not isinstance(self.include_stop_str_in_output, bool):
+            bad("include_stop_str_in_output", "must be True or False")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and (not is_int(v) or not 0 <= v <= MAX_LOGPROBS):

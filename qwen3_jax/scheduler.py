@@ -38,6 +38,7 @@ class Sequence:
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that finished it
     block_table: list[int] = dataclasses.field(default_factory=list)
     block_hashes: list[int] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0  # positions whose keys and values are in the pool

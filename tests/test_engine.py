@@ -275,6 +275,35 @@ def test_llm_generate_prompt_kinds_in_input_order(llm, model):
     assert_idle(llm.engine)
 
 
+def test_stop_strings_across_token_boundaries_and_streamed_text_never_shrinks(llm, engine):
+    tok = llm.get_tokenizer()
+    prompt = random_prompts([12], seed=21)[0]
+    ref = alone(engine, prompt, greedy(24, ignore_eos=True))
+    pieces = [tok.decode(ref.token_ids[:i], skip_special_tokens=True) for i in range(len(ref.token_ids) + 1)]
+    # A stop string from the middle of one token's text into the next one's, first occurring after token 6.
+    i = next(i for i in range(6, 20) if len(pieces[i]) - len(pieces[i - 1]) >= 2 and len(pieces[i + 1]) > len(pieces[i]))
+    stop = pieces[i + 1][len(pieces[i]) - 1:len(pieces[i]) + 1]
+    cut = ref.text.find(stop)
+    assert cut >= 0
+    end = next(j for j in range(len(pieces)) if stop in pieces[j])  # tokens up to the one completing the match
+
+    for include in (False, True):
+        params = greedy(24, ignore_eos=True, stop=[stop, "\x00never"], include_stop_str_in_output=include)
+        engine.add_request("s", prompt, params)
+        streamed = []
+        while engine.has_unfinished_requests():
+            streamed += [o for o in engine.step() if o.request_id == "s"]
+        out = streamed[-1]
+        assert out.finish_reason == "stop" and out.outputs[0].stop_reason == stop
+        assert out.text == ref.text[:cut + (len(stop) if include else 0)]
+        assert out.token_ids == ref.token_ids[:end]
+        texts = [o.text for o in streamed]
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # streamed text is never taken back
+
+    (out,) = engine.generate([prompt], [greedy(24, ignore_eos=True, stop_token_ids=[ref.token_ids[3]])])
+    assert out.outputs[0].stop_reason == ref.token_ids[3] and out.token_ids == ref.token_ids[:4]
+
+
 def test_abort_mid_generation_frees_blocks(engine):
     a, b = random_prompts([40, 20], seed=7)
     ref_b = alone(engine, b, greedy(20, ignore_eos=True)).token_ids
@@ -332,7 +361,8 @@ def test_bad_requests_raise_and_the_engine_serves_the_next(llm, engine):
         engine.step()
     serves()
     for field, value in [("temperature", -1.0), ("top_p", 0.0), ("top_k", -2), ("min_p", 1.5), ("max_tokens", 0),
-                         ("seed", -1), ("logprobs", 21), ("prompt_logprobs", 1.5), ("stop_token_ids", "ab")]:
+                         ("seed", -1), ("logprobs", 21), ("prompt_logprobs", 1.5), ("stop_token_ids", "ab"),
+                         ("stop", [""]), ("stop", 3), ("include_stop_str_in_output", "yes")]:
         with pytest.raises(ValueError, match=f"invalid sampling value {field}="):
             q.SamplingParams(**{field: value})
     with pytest.raises(TypeError, match="SamplingParams"):
