@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import jax
+import numpy as np
 
 from .config import Qwen3Config
 from .engine import EngineOptions, LLMEngine
@@ -32,6 +36,24 @@ class Qwen3:
     model_dir: Path | None = None
     _engine: object = dataclasses.field(default=None, repr=False, compare=False)
 
+    def __post_init__(self):
+        source = self._generation_config_name
+        if not isinstance(self.generation_config, dict):
+            raise ValueError(f"{source} must hold a JSON object, got {type(self.generation_config).__name__}")
+        eos = self.generation_config.get("eos_token_id")
+        if eos is not None:
+            ids = [eos] if not isinstance(eos, list) else eos
+            if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError(f"{source}: eos_token_id must be a token id or a list of token ids, got {eos!r}")
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"{source}: eos_token_id {bad[0]} is outside the vocabulary "
+                                 f"[0, {self.config.vocab_size})")
+
+    @property
+    def _generation_config_name(self) -> str:
+        return str(self.model_dir / "generation_config.json") if self.model_dir is not None else "generation_config"
+
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
@@ -40,7 +62,11 @@ class Qwen3:
 
     def default_sampling(self, **overrides) -> SamplingParams:
         """The checkpoint's generation_config.json defaults, with `overrides` applied (None keeps the default)."""
-        return SamplingParams.from_generation_config(self.generation_config, **overrides)
+        SamplingParams(**{k: v for k, v in overrides.items() if v is not None})  # the caller's values, named as such
+        try:
+            return SamplingParams.from_generation_config(self.generation_config, **overrides)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{self._generation_config_name}: {e}") from None
 
     def chat_prompt(self, messages: str | list[dict], *, enable_thinking: bool | None = None,
                     tools: list[dict] | None = None) -> str:
@@ -68,12 +94,19 @@ class Qwen3:
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
-            raise ValueError("this model was loaded without a tokenizer; pass token ids instead of text")
+            where = f"{self.model_dir / 'tokenizer.json'} is missing" if self.model_dir is not None else \
+                "this model has no tokenizer"
+            raise ValueError(f"{where}: text prompts need the checkpoint's tokenizer; add tokenizer.json (and "
+                             "tokenizer_config.json) to the checkpoint directory, or pass token ids instead of text")
         return self.tokenizer
 
 
-def load(model_dir: str | Path, *, dtype: str | None = None, kernels: str | Kernels = "auto") -> Qwen3:
-    """Load a Hugging Face Qwen3 checkpoint directory (config, safetensors weights, tokenizer, generation config)."""
+def load(model_dir: str | Path, *, dtype: str | None = None, kernels: str | Kernels = "auto",
+         quantize: str | None = None, modules_to_not_convert: tuple[str, ...] = ()) -> Qwen3:
+    """Load a Hugging Face Qwen3 checkpoint directory (config, safetensors weights, tokenizer, generation config).
+
+    `quantize` ('int8' or 'int4') quantizes the linear layers' weights at load, except the modules named in
+    `modules_to_not_convert` (e.g. ('lm_head',)); FP8 and AWQ checkpoints load quantized as they are."""
     model_dir = Path(model_dir)
     config = Qwen3Config.from_pretrained(model_dir, dtype=dtype)
     kernels = Kernels.resolve(kernels)
@@ -86,8 +119,73 @@ def load(model_dir: str | Path, *, dtype: str | None = None, kernels: str | Kern
             generation_config = json.loads(gen_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{gen_path}: not valid JSON ({e})") from None
-    params = load_params(model_dir, config)
+    params = load_params(model_dir, config, quantize=quantize, modules_to_not_convert=modules_to_not_convert)
     return Qwen3(config, params, tokenizer, generation_config, kernels, model_dir)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _positive_int(name: str, value) -> int:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _prompt_list(prompts) -> list:
+    """`generate`'s prompts -> a list of texts or a list of token-id lists, with a clear error for anything else."""
+    what = "prompts must be a string, a list of strings, or a list of token-id lists"
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        prompts = np.asarray(prompts).tolist()
+    if isinstance(prompts, (bytes, dict)) or not isinstance(prompts, Sequence):
+        raise TypeError(f"{what}; got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    if all(_is_int(t) for t in prompts):
+        return [[int(t) for t in prompts]]  # one prompt of token ids
+    if all(isinstance(p, str) for p in prompts):
+        return prompts
+    out = []
+    for row, p in enumerate(prompts):
+        if isinstance(p, str):
+            raise TypeError(f"{what}, not a mix of text and token ids (prompt {row} is text)")
+        if isinstance(p, (np.ndarray, jax.Array)):
+            p = np.asarray(p).tolist()
+        if isinstance(p, (bytes, dict)) or not isinstance(p, Sequence):
+            raise TypeError(f"{what}; prompt {row} is a {type(p).__name__}")
+        bad = next((t for t in p if not _is_int(t)), None)
+        if bad is not None:
+            raise TypeError(f"prompt {row}: token ids must be integers, got {bad!r} ({type(bad).__name__})")
+        out.append([int(t) for t in p])
+    return out
+
+
+def default_compilation_cache_dir() -> Path:
+    """$QWEN3_JAX_CACHE_DIR, else $XDG_CACHE_HOME/qwen3-jax/jax-cache (~/.cache/qwen3-jax/jax-cache)."""
+    if os.environ.get("QWEN3_JAX_CACHE_DIR"):
+        return Path(os.environ["QWEN3_JAX_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "qwen3-jax" / "jax-cache"
+
+
+def enable_compilation_cache(path: str | Path | None = None) -> Path:
+    """Keep compiled executables in JAX's persistent cache at `path` (default: `default_compilation_cache_dir()`),
+    every one however small or quick to compile, so a later process running the same model and shapes loads them
+    instead of compiling. Returns the directory; raises OSError if it cannot be created."""
+    path = Path(path).expanduser() if path is not None else default_compilation_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"compilation cache directory {path} is not writable")
+    from jax.experimental.compilation_cache import compilation_cache
+
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    compilation_cache.reset_cache()  # JAX decides on its cache at the first compilation: take effect even after one
+    return path
 
 
 @dataclasses.dataclass
@@ -112,8 +210,9 @@ class GenerationStats:
         return self.decode_tokens / self.decode_s if self.decode_s else 0.0
 
     def summary(self) -> str:
-        return (f"time to first token {self.time_to_first_token_s * 1e3:.1f} ms | prefill {self.prompt_tokens} tok "
-                f"at {self.prefill_tokens_per_s:,.0f} tok/s | decode {self.decode_tokens} tok at "
+        cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
+        return (f"time to first token {self.time_to_first_token_s * 1e3:.1f} ms | prefill {self.prompt_tokens} tok"
+                f"{cached} at {self.prefill_tokens_per_s:,.0f} tok/s | decode {self.decode_tokens} tok at "
                 f"{self.decode_tokens_per_s:,.1f} tok/s | compile {self.compile_s:.1f} s")
 
 
@@ -136,22 +235,35 @@ def generate(model: Qwen3, prompts: str | Sequence[str] | Sequence[Sequence[int]
     overrides the sampling params' max_tokens. `on_text(row, text)` streams decoded text as it is produced;
     `chunk` sets the decode tokens per device call (how often text arrives).
     """
-    single = isinstance(prompts, str)
-    prompts = [prompts] if single else list(prompts)
-    if not prompts:
-        raise ValueError("no prompts given")
+    if not isinstance(model, Qwen3):
+        raise TypeError(f"generate's first argument must be a model from qwen3_jax.load(...), got "
+                        f"{type(model).__name__}")
+    prompts = _prompt_list(prompts)
+    max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+    if chunk is not None:
+        chunk = _positive_int("chunk", chunk)
+    if sampling is not None and not isinstance(sampling, SamplingParams):
+        raise TypeError(f"sampling must be a qwen3_jax.SamplingParams (e.g. SamplingParams(temperature=0.7)) or "
+                        f"None, got {type(sampling).__name__}")
+    if not isinstance(chat, bool):
+        raise TypeError(f"chat must be True or False, got {chat!r}")
+    if enable_thinking is not None and not isinstance(enable_thinking, bool):
+        raise TypeError(f"enable_thinking must be True, False or None, got {enable_thinking!r}")
+    if enable_thinking is not None and not chat:
+        raise ValueError("enable_thinking applies to chat prompts: pass chat=True as well")
+    if on_text is not None and not callable(on_text):
+        raise TypeError(f"on_text must be a function (row, text) or None, got {type(on_text).__name__}")
     if isinstance(prompts[0], str):
         texts = [model.chat_prompt(p, enable_thinking=enable_thinking) if chat else p for p in prompts]
         ids = [model._require_tokenizer().encode(t) for t in texts]
     else:
         if chat:
-            raise ValueError("chat=True needs text prompts")
-        ids = [list(p) for p in prompts]
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+            raise ValueError("chat=True needs text prompts, not token ids")
+        ids = prompts
+    for row, p in enumerate(ids):
+        if not p:
+            raise ValueError(f"prompt {row} is empty: a prompt needs at least one token")
     sampling = dataclasses.replace(sampling or model.default_sampling(), max_tokens=max_new_tokens)
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
     for row, p in enumerate(ids):
         if len(p) + max_new_tokens > model.config.max_position_embeddings:
             raise ValueError(

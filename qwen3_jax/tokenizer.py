@@ -23,6 +23,11 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
+class ChatTemplateError(jinja2.TemplateError, ValueError):
+    """A chat template that does not compile or that failed to render, naming the file it came from (a jinja2
+    TemplateError, as transformers raises, and a ValueError)."""
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a Qwen3 checkpoint directory needs {path.name}")
@@ -44,20 +49,38 @@ def _token_content(value: Any, field: str, path: Path) -> str | None:
     raise ValueError(f"{path}: {field} must be a string, null or an object with 'content', got {value!r}")
 
 
-def _load_chat_templates(model_dir: Path, config: dict) -> str | dict[str, str] | None:
-    """As transformers: chat_template.jinja and additional_chat_templates/*.jinja first, else tokenizer_config."""
-    templates = {}
+def _read_template(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: the chat template is not UTF-8 text ({e})") from None
+
+
+def _load_chat_templates(model_dir: Path, config: dict, config_path: Path) -> tuple[str | dict | None, dict]:
+    """As transformers: chat_template.jinja and additional_chat_templates/*.jinja first, else tokenizer_config.
+    Returns the template(s) and, for error messages, where each template's text came from."""
+    templates, origins = {}, {}
     if (model_dir / "chat_template.jinja").is_file():
-        templates["default"] = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+        templates["default"] = _read_template(model_dir / "chat_template.jinja")
+        origins[templates["default"]] = str(model_dir / "chat_template.jinja")
     if (model_dir / "additional_chat_templates").is_dir():
         for path in sorted((model_dir / "additional_chat_templates").glob("*.jinja")):
-            templates[path.name.removesuffix(".jinja")] = path.read_text(encoding="utf-8")
+            templates[path.name.removesuffix(".jinja")] = text = _read_template(path)
+            origins.setdefault(text, str(path))
     if templates:
-        return templates["default"] if list(templates) == ["default"] else templates
+        return (templates["default"] if list(templates) == ["default"] else templates), origins
     template = config.get("chat_template")
+    where = f"{config_path} (chat_template)"
     if isinstance(template, list):  # legacy list of {"name": ..., "template": ...}
-        return {t["name"]: t["template"] for t in template}
-    return template
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                   for t in template):
+            raise ValueError(f"{where}: a list of chat templates must hold {{\"name\": ..., \"template\": ...}} "
+                             "objects of strings")
+        template = {t["name"]: t["template"] for t in template}
+        return template, {text: f"{where}[{name!r}]" for name, text in template.items()}
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{where}: must be a string (a jinja template), got {type(template).__name__}")
+    return template, ({template: where} if template else {})
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -119,10 +142,20 @@ def _compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
-def _normalize_message(message: dict) -> dict:
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # the roles Qwen3's template renders (others it drops)
+
+
+def _normalize_message(message: dict, index: int = 0) -> dict:
     """Drop None values and alias reasoning fields, as transformers does before rendering."""
     if not isinstance(message, dict):
-        raise TypeError(f"chat messages must be dicts, got {message!r}")
+        raise TypeError(f"chat message {index} must be a dict like {{'role': 'user', 'content': 'Hi'}}, got "
+                        f"{message!r}")
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise ValueError(f"chat message {index}: 'role' must be one of {', '.join(CHAT_ROLES)}; got {role!r}")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise TypeError(f"chat message {index}: 'content' must be a string, got {type(content).__name__}")
     message = {k: v for k, v in message.items() if v is not None}
     reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
     if reasoning is not None:
@@ -134,11 +167,12 @@ class Tokenizer:
     """A checkpoint's tokenizer: `encode`, `decode`, `apply_chat_template`, `stream_decoder`."""
 
     def __init__(self, tokenizer: _HFTokenizer, config: dict, chat_template=None, eos_token_ids=(),
-                 name: str = "tokenizer"):
+                 name: str = "tokenizer", template_origins: dict[str, str] | None = None):
         self._tok = tokenizer
         self.config = config  # tokenizer_config.json as read
         self.chat_template = chat_template
         self.name = name
+        self._template_origins = template_origins or {}  # template text -> the file (and field) it came from
         self.special_tokens: dict[str, str] = {}
         for field in SPECIAL_TOKEN_NAMES:
             content = _token_content(config.get(field), field, Path(name))
@@ -170,7 +204,10 @@ class Tokenizer:
         if gen_path.is_file():
             eos = _read_json(gen_path).get("eos_token_id")
             eos_ids = (eos,) if isinstance(eos, int) else tuple(eos or ())
-        return cls(tokenizer, config, _load_chat_templates(model_dir, config), eos_ids, name=str(config_path))
+            if isinstance(eos, (str, bool)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos_ids):
+                raise ValueError(f"{gen_path}: eos_token_id must be a token id or a list of token ids, got {eos!r}")
+        templates, origins = _load_chat_templates(model_dir, config, config_path)
+        return cls(tokenizer, config, templates, eos_ids, name=str(config_path), template_origins=origins)
 
     # ---- vocabulary -------------------------------------------------------------------------------------
     @property
@@ -207,13 +244,30 @@ class Tokenizer:
     # ---- text <-> ids -----------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text` (Qwen3 adds no BOS/EOS either way)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes text (a str), got {type(text).__name__}")
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; bytes that do not form complete UTF-8 characters become U+FFFD."""
-        if isinstance(ids, int) or getattr(ids, "ndim", None) == 0:
+        return self._tok.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)
+
+    def _check_ids(self, ids) -> list[int]:
+        """One id or an iterable of them (Python, numpy or jax integers) -> a list of non-negative ints."""
+        if _is_int_id(ids) or getattr(ids, "ndim", None) == 0:
             ids = [ids]
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        if isinstance(ids, (str, bytes, dict)) or not isinstance(ids, Iterable):
+            raise TypeError(f"token ids must be an integer or a list of integers, got {type(ids).__name__}")
+        ids = list(ids)
+        bad = next((i for i in ids if not _is_int_id(i)), None)
+        if bad is not None:
+            raise TypeError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})")
+        ids = [int(i) for i in ids]
+        # Ids past the tokenizer's vocabulary (a model's padded embedding rows) decode to nothing, as in HF.
+        bad = [i for i in ids if not 0 <= i < 2**32]
+        if bad:
+            raise ValueError(f"token ids must be non-negative (below 2**32), got {bad[:5]}")
+        return ids
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
@@ -237,17 +291,31 @@ class Tokenizer:
                             enable_thinking: bool | None = None, tools: list[dict] | None = None,
                             documents: list[dict] | None = None, **kwargs) -> str:
         """Render `messages` with the checkpoint's chat template, like HF's apply_chat_template(tokenize=False)."""
+        if isinstance(messages, (str, dict)) or not isinstance(messages, (list, tuple)):
+            raise TypeError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
+                            f"{type(messages).__name__}")
         if not messages:
             raise ValueError("cannot apply the chat template to an empty conversation")
+        if enable_thinking is not None and not isinstance(enable_thinking, bool):
+            raise TypeError(f"enable_thinking must be True, False or None, got {enable_thinking!r}")
+        messages = [_normalize_message(m, i) for i, m in enumerate(messages)]
         source = self.get_chat_template(tools)
+        origin = self._template_origins.get(source, f"{self.name} (chat template)")
         if source not in self._compiled:
-            self._compiled[source] = _compile_template(source)
+            try:
+                self._compiled[source] = _compile_template(source)
+            except jinja2.TemplateSyntaxError as e:
+                raise ChatTemplateError(f"{origin}: chat template syntax error at line {e.lineno}: {e.message}") \
+                    from None
         if enable_thinking is not None:  # only when given, so `enable_thinking is defined` behaves as in HF
             kwargs["enable_thinking"] = enable_thinking
         variables = {**self.special_tokens, **kwargs}
-        return self._compiled[source].render(
-            messages=[_normalize_message(m) for m in messages], tools=tools, documents=documents,
-            add_generation_prompt=add_generation_prompt, **variables)
+        try:
+            return self._compiled[source].render(messages=messages, tools=tools, documents=documents,
+                                                 add_generation_prompt=add_generation_prompt, **variables)
+        # raise_exception(...) in the template, a sandbox stop, or Python errors of the template's own expressions
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+            raise ChatTemplateError(f"{origin}: the chat template failed: {e}") from None
 
 
 def _add_config_tokens(tokenizer: _HFTokenizer, config: dict, path: Path) -> None:
@@ -267,6 +335,11 @@ def _add_config_tokens(tokenizer: _HFTokenizer, config: dict, path: Path) -> Non
         if tokenizer.token_to_id(content) != int(key):
             raise ValueError(f"{path}: added token {content!r} should have id {key} but the vocabulary put it at "
                              f"{tokenizer.token_to_id(content)}")
+
+
+def _is_int_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) or (
+        getattr(x, "dtype", None) is not None and getattr(x, "ndim", None) == 0 and x.dtype.kind in "iu")
 
 
 class StreamDecoder:
@@ -290,8 +363,7 @@ class StreamDecoder:
 
     def add(self, ids: int | Iterable[int]) -> str:
         """Append one id or several; return the text they complete ('' while a character is unfinished)."""
-        scalar = isinstance(ids, int) or getattr(ids, "ndim", None) == 0  # Python, numpy or jax scalar
-        self.ids.extend([int(ids)] if scalar else [int(i) for i in ids])
+        self.ids.extend(self.tokenizer._check_ids(ids))
         prefix_text = self._decode(self.ids[self._prefix:self._read])
         text = self._decode(self.ids[self._prefix:])
         if len(text) <= len(prefix_text) or text.endswith("\ufffd"):
