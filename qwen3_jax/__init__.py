@@ -3,27 +3,51 @@
     import qwen3_jax as q
     llm = q.LLM("path/to/Qwen3-0.6B")
     print(llm.generate("Hello", q.SamplingParams(temperature=0, max_tokens=32))[0].text)
+
+The names below are imported on first use, so `qwen3-jax --help` answers without importing jax.
 """
 
+import importlib
+import sys
+import types
 from pathlib import Path
-
-from .config import ConfigError, Qwen3Config
-from .engine import EngineOptions, LLMEngine
-from .generate import GenerationOutput, Qwen3, generate, load
-from .kv_cache import AttentionMetadata, CacheOverflowError, KVCache
-from .llm import LLM
-from .model import forward
-from .ops import Kernels
-from .outputs import CompletionOutput, RequestOutput
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
-from .weights import WeightsError
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"  # the small trained Qwen3 that ships with the package
 
-__all__ = [
-    "DEMO_MODEL_DIR",
-    "AttentionMetadata", "CacheOverflowError", "CompletionOutput", "ConfigError", "EngineOptions",
-    "GenerationOutput", "Kernels", "KVCache", "LLM", "LLMEngine", "Qwen3", "Qwen3Config", "RequestOutput",
-    "SamplingParams", "Tokenizer", "WeightsError", "forward", "generate", "load",
-]
+_EXPORTS = {  # public name -> the submodule defining it
+    "ConfigError": "config", "Qwen3Config": "config",
+    "EngineOptions": "engine", "LLMEngine": "engine",
+    "GenerationOutput": "generate", "Qwen3": "generate", "generate": "generate", "load": "generate",
+    "enable_compilation_cache": "generate",
+    "AttentionMetadata": "kv_cache", "CacheOverflowError": "kv_cache", "KVCache": "kv_cache",
+    "LLM": "llm",
+    "forward": "model",
+    "Kernels": "ops",
+    "CompletionOutput": "outputs", "RequestOutput": "outputs",
+    "SamplingParams": "sampling",
+    "Tokenizer": "tokenizer",
+    "WeightsError": "weights",
+}
+
+__all__ = ["DEMO_MODEL_DIR", *sorted(_EXPORTS)]
+
+
+class _Package(types.ModuleType):
+    def __getattr__(self, name):
+        if name not in _EXPORTS:
+            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", self.__name__), name)
+        super().__setattr__(name, value)
+        return value
+
+    def __setattr__(self, name, value):
+        # Importing the submodule `generate` sets the package attribute of that name; `q.generate` stays the function.
+        if isinstance(value, types.ModuleType) and name in _EXPORTS and value.__name__ == f"{self.__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(_EXPORTS))
+
+
+sys.modules[__name__].__class__ = _Package
