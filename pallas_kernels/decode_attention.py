@@ -105,7 +105,8 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *out_refs, groups, rows, bl
     _store(out_refs, *carry, rows=rows, groups=groups)
 
 
-def _new_token(pos, qkv_ref, inv_freq_ref, q_norm_ref, k_norm_ref, *, groups, rows, eps, num_heads, num_kv_heads):
+def _new_token(pos, qkv_ref, inv_freq_ref, q_norm_ref, k_norm_ref, *, groups, rows, eps, num_heads, num_kv_heads,
+               rope_scale):
     """The fused decode epilogue for kv head program_id(1): (y [rows, D] f32, rows [0, G) the RoPE'd
     q heads and row G the RoPE'd k head; k_new [D] f32; v_new [1, D]). Values in f32 hold exactly what torch
     holds in the activation dtype."""
@@ -131,7 +132,7 @@ def _new_token(pos, qkv_ref, inv_freq_ref, q_norm_ref, k_norm_ref, *, groups, ro
     n = weight_normalized(x, inv_rms, w, dtype)
     n_sw = weight_normalized(x_sw, inv_rms, w_sw, dtype)
     rotated = jnp.where((d < half)[None, :], -n_sw, n_sw)
-    cos, sin = _rope_tables(pos.astype(jnp.float32) * inv_freq_ref[...], dtype)  # [D]
+    cos, sin = _rope_tables(pos.astype(jnp.float32) * inv_freq_ref[...], dtype, rope_scale)  # [D]
     y = _rope_combine(n, cos[None, :], rotated, sin[None, :], dtype)  # [rows, D]
     k_new = jnp.sum(jnp.where(is_k, y, 0.0), axis=0)  # [D]
     v_new = qkv_ref[pl.ds(num_heads + num_kv_heads + g, 1), :]  # [1, D]
@@ -139,7 +140,7 @@ def _new_token(pos, qkv_ref, inv_freq_ref, q_norm_ref, k_norm_ref, *, groups, ro
 
 
 def _decode_qkv_kernel(pos_ref, inv_freq_ref, q_norm_ref, k_norm_ref, qkv_ref, k_ref, v_ref, *out_refs,
-                       groups, rows, block_k, chunk, scale, eps, num_heads, num_kv_heads):
+                       groups, rows, block_k, chunk, scale, eps, num_heads, num_kv_heads, rope_scale):
     # pos_ref []: this token's position (= its cache slot); inv_freq_ref [D] (the D/2 frequencies twice);
     # qkv_ref [Hq + 2KV, D]: the row's projection, one head per row; k_ref/v_ref [S, D]: this (row, kv head)'s
     # caches, read in place; out_refs: as _decode_kernel's, then the caches again (aliased: written at pos).
@@ -150,7 +151,7 @@ def _decode_qkv_kernel(pos_ref, inv_freq_ref, q_norm_ref, k_norm_ref, qkv_ref, k
     pos = pos_ref[()]
 
     y, k_new, v_new = _new_token(pos, qkv_ref, inv_freq_ref, q_norm_ref, k_norm_ref, groups=groups, rows=rows,
-                                 eps=eps, num_heads=num_heads, num_kv_heads=num_kv_heads)
+                                 eps=eps, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_scale=rope_scale)
 
     @pl.when((split == 0) & (pos < kv_len))
     def _():  # split 0 stores the token's k and v; no program reads that slot (the loops stop before pos)
@@ -269,7 +270,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, block: Block | None = None
 
 
 def decode_attention_qkv(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, *, num_heads, num_kv_heads,
-                         head_dim, eps, block: Block | None = None, interpret: bool = False):
+                         head_dim, eps, rope_scale=1.0, block: Block | None = None, interpret: bool = False):
     """One decode token per row from its projection qkv [B, 1, (Hq + 2KV) * D]: `qkv_rope` (q/k RMSNorm + RoPE,
     k and v into the caches [B, KV, S, D] at slot positions[b, 0], in place) and `decode_attention` over slots
     [0, positions[b, 0]] in ONE kernel -> (o [B, Hq, D], k_cache, v_cache).
@@ -288,7 +289,8 @@ def decode_attention_qkv(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_ca
     groups = num_heads // num_kv_heads
     rows, block_k, splits, chunk = _tiling(block, batch, num_kv_heads, kv_len, groups + 1)  # + the k row
     kernel = functools.partial(_decode_qkv_kernel, groups=groups, rows=rows, block_k=block_k, chunk=chunk,
-                               scale=head_dim**-0.5, eps=float(eps), num_heads=num_heads, num_kv_heads=num_kv_heads)
+                               scale=head_dim**-0.5, eps=float(eps), num_heads=num_heads, num_kv_heads=num_kv_heads,
+                               rope_scale=float(rope_scale))
     vec_spec = pl.BlockSpec((head_dim,), lambda b, h, s: (0,))
     kv_spec = pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, s: (b, h, 0, 0))
     out_specs, out_shape = _outputs(batch, num_kv_heads, splits, groups, head_dim, qkv.dtype)

@@ -186,7 +186,7 @@ def _decode_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *out_refs, groups, r
 
 
 def _decode_qkv_kernel(pos_ref, table_ref, inv_freq_ref, q_norm_ref, k_norm_ref, qkv_ref, k_ref, v_ref, *out_refs,
-                       groups, rows, splits, scale, eps, num_heads, num_kv_heads):
+                       groups, rows, splits, scale, eps, num_heads, num_kv_heads, rope_scale):
     # pos_ref []: the token's position (-1: padding row); table_ref [M]; inv_freq_ref [D] (the D/2 frequencies
     # twice); qkv_ref [Hq + 2KV, D]: the row's projection, one head a row; k_ref/v_ref [num_blocks, bs, D]: this kv
     # head's pools, read in place; out_refs: as _decode_kernel's, then the pools again (aliased: written at pos).
@@ -197,7 +197,7 @@ def _decode_qkv_kernel(pos_ref, table_ref, inv_freq_ref, q_norm_ref, k_norm_ref,
     pos = pos_ref[()]
     live = pos >= 0
     y, k_new, v_new = _new_token(pos, qkv_ref, inv_freq_ref, q_norm_ref, k_norm_ref, groups=groups, rows=rows,
-                                 eps=eps, num_heads=num_heads, num_kv_heads=num_kv_heads)
+                                 eps=eps, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_scale=rope_scale)
 
     @pl.when((split == 0) & live & (pos < capacity))
     def _():  # split 0 stores the token's k and v; no program reads that slot (keys stop before pos)
@@ -350,7 +350,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, seq_lens, *, block: 
 
 
 def paged_decode_attention_qkv(qkv, q_norm, k_norm, inv_freq, positions, k_pool, v_pool, block_tables, *, num_heads,
-                               num_kv_heads, head_dim, eps, block: Block | None = None, interpret: bool = False):
+                               num_kv_heads, head_dim, eps, rope_scale=1.0, block: Block | None = None,
+                               interpret: bool = False):
     """A decode step from the projection qkv [B, 1, (Hq + 2KV) * D] at positions [B, 1], in ONE kernel: q/k
     RMSNorm + RoPE, k/v written into the pools at the position's slot (in place), and attention over positions
     0..p -> (o [B, Hq, D], k_pool, v_pool). Position -1 marks a padding row: nothing written, zeros out.
@@ -370,7 +371,8 @@ def paged_decode_attention_qkv(qkv, q_norm, k_norm, inv_freq, positions, k_pool,
     rows = max(_MIN_ROWS, _next_pow2(groups + 1))  # + the k row
     splits = _static_splits(block, batch, num_kv_heads, max_blocks, bs)
     kernel = functools.partial(_decode_qkv_kernel, groups=groups, rows=rows, splits=splits, scale=head_dim**-0.5,
-                               eps=float(eps), num_heads=num_heads, num_kv_heads=num_kv_heads)
+                               eps=float(eps), num_heads=num_heads, num_kv_heads=num_kv_heads,
+                               rope_scale=float(rope_scale))
     vec_spec = pl.BlockSpec((head_dim,), lambda b, h, s: (0,))
     pool_spec = _pool_spec(k_pool, 1)
     out_specs, out_shape = _outputs(batch, num_kv_heads, splits, groups, head_dim, qkv.dtype)
@@ -511,14 +513,15 @@ def paged_decode_attention_reference(q, k_pool, v_pool, block_tables, seq_lens):
 
 
 def paged_decode_attention_qkv_reference(qkv, q_norm, k_norm, inv_freq, positions, k_pool, v_pool, block_tables,
-                                         *, num_heads, num_kv_heads, head_dim, eps):
+                                         *, num_heads, num_kv_heads, head_dim, eps, rope_scale=1.0):
     """Pure-jnp twin of `paged_decode_attention_qkv`: qkv [B, 1, (Hq + 2KV) * D] at positions [B, 1] ->
     q/k RMSNorm + RoPE, k/v written to the row's slot of the pools, attention over positions 0..p ->
     (o [B, Hq, D], k_pool, v_pool). A row with position -1 is padding: nothing written, zeros out."""
     check_decode_qkv(qkv, q_norm, k_norm, inv_freq, positions, k_pool, v_pool, block_tables, num_heads,
                      num_kv_heads, head_dim)
     q, k, v = qkv_rope_reference(qkv, q_norm, k_norm, inv_freq, positions, num_heads=num_heads,
-                                 num_kv_heads=num_kv_heads, head_dim=head_dim, eps=eps)  # [B, 1, H, D]
+                                 num_kv_heads=num_kv_heads, head_dim=head_dim, eps=eps,
+                                 rope_scale=rope_scale)  # [B, 1, H, D]
     pos = positions[:, 0].astype(jnp.int32)
     slots = slot_of(block_tables, pos, k_pool.shape[2])
     k_pool, v_pool = write_slots(k_pool, v_pool, k[:, 0], v[:, 0], slots)

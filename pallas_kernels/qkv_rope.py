@@ -36,9 +36,13 @@ class QkvRopeBlock:
     num_stages: int = 1
 
 
-def _rope_tables(freqs, dtype):
-    """cos and sin of the f32 angles, rounded to the activation dtype (HF computes them in f32, then casts)."""
-    return round_f32(jnp.cos(freqs), dtype), round_f32(jnp.sin(freqs), dtype)
+def _rope_tables(freqs, dtype, scale=1.0):
+    """cos and sin of the f32 angles, times `scale` (YaRN's attention factor) in f32, rounded to the activation
+    dtype (HF computes them in f32, scales, then casts)."""
+    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return round_f32(cos, dtype), round_f32(sin, dtype)
 
 
 def _rope_combine(a, cos, b, sin, dtype):
@@ -50,7 +54,7 @@ def _rope_combine(a, cos, b, sin, dtype):
 
 def _qkv_rope_kernel(
     pos_ref, inv_freq_ref, q_norm_ref, k_norm_ref, qkv_ref, *refs,
-    seq, num_heads, num_kv_heads, head_dim, eps, block_tokens, cache,
+    seq, num_heads, num_kv_heads, head_dim, eps, block_tokens, cache, rope_scale,
 ):
     # Whole-array refs: pos [B, T]; inv_freq [D/2]; q_norm, k_norm [D]; qkv [B, T, (Hq + 2KV) * D];
     # q [B, T, Hq * D]; then either k, v [B, T, KV * D], or the caches [B, KV, S, D] (their input refs alias
@@ -68,7 +72,7 @@ def _qkv_rope_kernel(
     # RoPE tables: emb = concat(freqs, freqs), so both halves of a head share one [bt, D/2] cos / sin.
     pos = plgpu.load(pos_ref.at[b, rows], mask=row_ok, other=0).astype(jnp.float32)  # [bt]
     freqs = pos[:, None] * inv_freq_ref[...][None, :]  # [bt, D/2] f32
-    cos, sin = _rope_tables(freqs, dtype)
+    cos, sin = _rope_tables(freqs, dtype, rope_scale)
 
     # Where this program's rows go, as the leading indices of one indexer (Triton takes a single indexer).
     q_lead = (b, rows)  # [bt, Hq * D] of q [B, T, Hq * D]
@@ -154,13 +158,14 @@ def _check_kernel_args(head_dim, block):
 
 
 def qkv_rope(qkv, q_norm, k_norm, inv_freq, positions, *, num_heads, num_kv_heads, head_dim, eps,
-             k_cache=None, v_cache=None, block=None, interpret=False):
+             rope_scale=1.0, k_cache=None, v_cache=None, block=None, interpret=False):
     """qkv [B, T, (Hq + 2KV) * D] (the projection, q rows then k then v, in the activation dtype) ->
     without caches: (q [B,T,Hq,D], k [B,T,KV,D], v [B,T,KV,D]);
     with caches k_cache/v_cache [B, KV, S, D]: (q, k_cache, v_cache), k and v written in place at
     cache[b, g, positions[b, t], :] (positions are contiguous per row: positions[b, t] = positions[b, 0] + t).
 
-    q and k get per-head RMSNorm (q_norm / k_norm [D]) then RoPE at `positions` [B, T]; v is copied. The caller
+    q and k get per-head RMSNorm (q_norm / k_norm [D]) then RoPE at `positions` [B, T], its cos and sin scaled by
+    the static `rope_scale` (HF's `attention_scaling`: YaRN's attention factor, else 1); v is copied. The caller
     must keep positions[b, 0] + T <= S (jit cannot check traced positions): slots past S are not written.
     Donate the caches at the jit boundary so they are updated without a copy."""
     check_args(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, num_heads, num_kv_heads, head_dim)
@@ -170,12 +175,12 @@ def qkv_rope(qkv, q_norm, k_norm, inv_freq, positions, *, num_heads, num_kv_head
     cache = k_cache is not None
     if b * t == 0:
         return qkv_rope_reference(qkv, q_norm, k_norm, inv_freq, positions, num_heads=num_heads,
-                                  num_kv_heads=num_kv_heads, head_dim=head_dim, eps=eps, k_cache=k_cache,
-                                  v_cache=v_cache)
+                                  num_kv_heads=num_kv_heads, head_dim=head_dim, eps=eps, rope_scale=rope_scale,
+                                  k_cache=k_cache, v_cache=v_cache)
     bt = min(block.block_tokens, pl.next_power_of_2(t))
     kernel = functools.partial(
         _qkv_rope_kernel, seq=t, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        eps=float(eps), block_tokens=bt, cache=cache,
+        eps=float(eps), block_tokens=bt, cache=cache, rope_scale=float(rope_scale),
     )
     dtype = qkv.dtype
     q_shape = jax.ShapeDtypeStruct((b, t, num_heads * head_dim), dtype)
@@ -207,11 +212,12 @@ def qkv_rope(qkv, q_norm, k_norm, inv_freq, positions, *, num_heads, num_kv_head
     return q, k.reshape(b, t, num_kv_heads, head_dim), v.reshape(b, t, num_kv_heads, head_dim)
 
 
-def rope_reference(x, positions, inv_freq):
-    """HF `apply_rotary_pos_emb` for one tensor: x [B, T, heads, D], positions [B, T], inv_freq [D/2] f32."""
+def rope_reference(x, positions, inv_freq, scale=1.0):
+    """HF `apply_rotary_pos_emb` for one tensor: x [B, T, heads, D], positions [B, T], inv_freq [D/2] f32, cos and
+    sin scaled by `scale` (HF's `attention_scaling`)."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, D]
-    cos, sin = _rope_tables(emb, x.dtype)
+    cos, sin = _rope_tables(emb, x.dtype, scale)
     xf, half = x.astype(jnp.float32), x.shape[-1] // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
     return _rope_combine(xf, cos, rotated, sin, x.dtype).astype(x.dtype)  # x * cos + rotated * sin
@@ -226,7 +232,7 @@ def _cache_write_reference(k_cache, v_cache, k, v, start):
 
 
 def qkv_rope_reference(qkv, q_norm, k_norm, inv_freq, positions, *, num_heads, num_kv_heads, head_dim, eps,
-                       k_cache=None, v_cache=None):
+                       rope_scale=1.0, k_cache=None, v_cache=None):
     """Pure-jnp twin of `qkv_rope`, op by op as Hugging Face's Qwen3Attention does it after the projection."""
     check_args(qkv, q_norm, k_norm, inv_freq, positions, k_cache, v_cache, num_heads, num_kv_heads, head_dim)
     b, t, _ = qkv.shape
@@ -234,8 +240,8 @@ def qkv_rope_reference(qkv, q_norm, k_norm, inv_freq, positions, *, num_heads, n
     q = qkv[..., :q_size].reshape(b, t, num_heads, head_dim)  # [B, T, Hq, D]
     k = qkv[..., q_size:q_size + kv_size].reshape(b, t, num_kv_heads, head_dim)  # [B, T, KV, D]
     v = qkv[..., q_size + kv_size:].reshape(b, t, num_kv_heads, head_dim)  # [B, T, KV, D]
-    q = rope_reference(rms_norm_reference(q, q_norm, eps=eps), positions, inv_freq)
-    k = rope_reference(rms_norm_reference(k, k_norm, eps=eps), positions, inv_freq)
+    q = rope_reference(rms_norm_reference(q, q_norm, eps=eps), positions, inv_freq, rope_scale)
+    k = rope_reference(rms_norm_reference(k, k_norm, eps=eps), positions, inv_freq, rope_scale)
     if k_cache is None:
         return q, k, v
     if t == 0:  # nothing to write (and no positions[:, 0] to read)

@@ -22,8 +22,11 @@ def _attention(p, qkv, positions, k_pool, v_pool, meta: AttentionMetadata, inv_f
     """q/k norm, RoPE, this step's keys and values into the pool, attention: -> ([N, Hq * D], pools)."""
     n = qkv.shape[0]
     norms = (p["q_norm"], p["k_norm"], inv_freq)
+    # YaRN's attention factor scales cos and sin before their cast to the activation dtype, where HF applies it,
+    # so the bf16 rotated q and k (and the cached k) are HF's own; folding attention_factor**2 into the softmax
+    # scale would be the same function in exact arithmetic but round differently in bf16.
     dims = dict(num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
-                head_dim=config.head_dim, eps=config.rms_norm_eps)
+                head_dim=config.head_dim, eps=config.rms_norm_eps, rope_scale=config.rope_attention_scaling)
     if meta.decode:  # one token per row: one fused kernel when both ops are kernels
         o, k_pool, v_pool = ops.paged_decode_qkv_attention(kernels, qkv[:, None], *norms, positions[:, None],
                                                            k_pool, v_pool, meta.block_tables, **dims)  # [B, Hq, D]
