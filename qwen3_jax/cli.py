@@ -36,7 +36,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
-# ---- argument types: the syntax of a value; ranges are the library's to check (SamplingParams, EngineOptions) ----
+# ---- argument types. The sampling ranges repeat SamplingParams' (which checks them again, after jax loads) so
+# that a bad value is answered at once; tests/test_cli.py checks that the two agree.
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -59,6 +60,15 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _in_range(parse, low, high, *, low_open=False, what=""):
+    def check(text: str):
+        value = parse(text)
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+        return value
+    return check
 
 
 def _directory(text: str) -> Path:
@@ -92,11 +102,16 @@ def _model_options(p: argparse.ArgumentParser, *, positional: bool = False) -> N
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
     g.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
-    g.add_argument("--temperature", type=_finite_float, help="sampling temperature, >= 0 (0: greedy)")
-    g.add_argument("--top-k", type=_int, help="keep the k most likely tokens (0: off)")
-    g.add_argument("--top-p", type=_finite_float, help="nucleus sampling mass in (0, 1] (1: off)")
-    g.add_argument("--min-p", type=_finite_float, help="drop tokens below min_p x the top probability (0: off)")
-    g.add_argument("--seed", type=_int, default=0, help="random seed for sampling, in [0, 2**32)")
+    g.add_argument("--temperature", type=_in_range(_finite_float, 0, None, what="must be a number >= 0"),
+                   help="sampling temperature, >= 0 (0: greedy)")
+    g.add_argument("--top-k", type=_in_range(_int, 0, None, what="must be an integer >= 0"),
+                   help="keep the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=_in_range(_finite_float, 0, 1, low_open=True, what="must be in (0, 1]"),
+                   help="nucleus sampling mass in (0, 1] (1: off)")
+    g.add_argument("--min-p", type=_in_range(_finite_float, 0, 1, what="must be in [0, 1]"),
+                   help="drop tokens below min_p x the top probability (0: off)")
+    g.add_argument("--seed", type=_in_range(_int, 0, 2**32 - 1, what="must be an integer in [0, 2**32)"), default=0,
+                   help="random seed for sampling, in [0, 2**32)")
 
 
 def _thinking_options(p: argparse.ArgumentParser, what: str) -> None:

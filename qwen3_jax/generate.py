@@ -145,8 +145,11 @@ def _prompt_list(prompts) -> list:
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
-    if all(_is_int(t) for t in prompts):
-        return [[int(t) for t in prompts]]  # one prompt of token ids
+    if all(isinstance(t, (int, float, np.number)) for t in prompts):  # one prompt of token ids
+        bad = next((t for t in prompts if not _is_int(t)), None)
+        if bad is not None:
+            raise TypeError(f"prompt 0: token ids must be integers, got {bad!r} ({type(bad).__name__})")
+        return [[int(t) for t in prompts]]
     if all(isinstance(p, str) for p in prompts):
         return prompts
     out = []
@@ -156,7 +159,7 @@ def _prompt_list(prompts) -> list:
         if isinstance(p, (np.ndarray, jax.Array)):
             p = np.asarray(p).tolist()
         if isinstance(p, (bytes, dict)) or not isinstance(p, Sequence):
-            raise TypeError(f"{what}; prompt {row} is a {type(p).__name__}")
+            raise TypeError(f"{what}; prompt {row} is of type {type(p).__name__}")
         bad = next((t for t in p if not _is_int(t)), None)
         if bad is not None:
             raise TypeError(f"prompt {row}: token ids must be integers, got {bad!r} ({type(bad).__name__})")
