@@ -2,7 +2,7 @@
 questions about facts stated in its prompt, follows Qwen3's chat format and thinking switch, and does a
 few list and number tasks.
 
-    python scripts/train_demo_model.py --out qwen3_jax/demo_model --steps 5000 --seed 0 --device cuda
+    python scripts/train_demo_model.py --out qwen3_jax/demo_model --steps 5500 --seed 0 --device cuda
     python scripts/train_demo_model.py --out /tmp/demo --quick          # a tiny CPU smoke run
 
 Steps: a seeded synthetic chat corpus (rendered through the Qwen3-shaped chat template written to
@@ -142,38 +142,74 @@ _JINJA.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **k
 _TEMPLATE = _JINJA.from_string(CHAT_TEMPLATE)
 
 
-def render_chat_jinja(messages, add_generation_prompt=False, enable_thinking=True):
+def render_chat_jinja(messages, add_generation_prompt=False, enable_thinking=True, tools=None):
     """Render messages through CHAT_TEMPLATE exactly as tokenizer.apply_chat_template(tokenize=False) does."""
     return _TEMPLATE.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                            enable_thinking=enable_thinking)
+                            enable_thinking=enable_thinking, tools=tools)
 
 
-def render_chat(messages, add_generation_prompt=False, enable_thinking=True):
-    """CHAT_TEMPLATE in plain Python for system/user/assistant turns without tools (the corpus's hot path;
-    equal to render_chat_jinja, which the tests and build_tokenizer check)."""
-    last_query = max(i for i, m in enumerate(messages) if m["role"] == "user")
+TOOLS_HEAD = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
+              "function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+              "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+              "<args-json-object>}\n</tool_call><|im_end|>\n")
+
+
+def _tool_response(content):
+    return content.startswith("<tool_response>") and content.endswith("</tool_response>")
+
+
+def render_chat(messages, add_generation_prompt=False, enable_thinking=True, tools=None):
+    """CHAT_TEMPLATE in plain Python (the corpus's hot path; equal to render_chat_jinja, which the tests and
+    build_tokenizer check): system/user/assistant turns, the tools block, assistant tool calls and tool results."""
+    n = len(messages)
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
     out = []
+    if tools:
+        out.append("<|im_start|>system\n" + (system + "\n\n" if system is not None else "") + TOOLS_HEAD
+                   + "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools) + TOOLS_TAIL)
+    elif system is not None:
+        out.append(f"<|im_start|>system\n{system}<|im_end|>\n")
+    last_query = max((i for i, m in enumerate(messages) if m["role"] == "user" and isinstance(m.get("content"), str)
+                      and not _tool_response(m["content"])), default=n - 1)
     for i, m in enumerate(messages):
-        role, content = m["role"], m["content"]
-        if role != "assistant":
+        role = m["role"]
+        content = m.get("content") if isinstance(m.get("content"), str) else ""
+        if role == "user" or (role == "system" and i > 0):
             out.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
-            continue
-        reasoning = ""
-        if "</think>" in content:
-            reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
-            content = content.split("</think>")[-1].lstrip("\n")
-        if i > last_query and (i == len(messages) - 1 or reasoning):
-            content = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
-        out.append(f"<|im_start|>assistant\n{content}<|im_end|>\n")
+        elif role == "assistant":
+            reasoning = ""
+            if "</think>" in content:
+                reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                content = content.split("</think>")[-1].lstrip("\n")
+            if i > last_query and (i == n - 1 or reasoning):
+                out.append(f"<|im_start|>assistant\n<think>\n{reasoning.strip(chr(10))}\n</think>\n\n"
+                           f"{content.lstrip(chr(10))}")
+            else:
+                out.append(f"<|im_start|>assistant\n{content}")
+            for k, call in enumerate(m.get("tool_calls") or []):
+                if k > 0 or content:
+                    out.append("\n")
+                fn = call.get("function", call)
+                args = fn["arguments"] if isinstance(fn["arguments"], str) else json.dumps(fn["arguments"],
+                                                                                          ensure_ascii=False)
+                out.append(f'<tool_call>\n{{"name": "{fn["name"]}", "arguments": {args}}}\n</tool_call>')
+            out.append("<|im_end|>\n")
+        elif role == "tool":
+            if i == 0 or messages[i - 1]["role"] != "tool":
+                out.append("<|im_start|>user")
+            out.append(f"\n<tool_response>\n{content}\n</tool_response>")
+            if i == n - 1 or messages[i + 1]["role"] != "tool":
+                out.append("<|im_end|>\n")
     if add_generation_prompt:
         out.append("<|im_start|>assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n"))
     return "".join(out)
 
 
-def prompt_and_completion(messages, enable_thinking):
+def prompt_and_completion(messages, enable_thinking, tools=None):
     """Split a conversation ending in an assistant turn into (prompt text, trained completion text)."""
-    prompt = render_chat(messages[:-1], add_generation_prompt=True, enable_thinking=enable_thinking)
-    full = render_chat(messages, enable_thinking=enable_thinking)
+    prompt = render_chat(messages[:-1], add_generation_prompt=True, enable_thinking=enable_thinking, tools=tools)
+    full = render_chat(messages, enable_thinking=enable_thinking, tools=tools)
     assert full.startswith(prompt) and full.endswith("<|im_end|>\n"), (prompt, full)
     return prompt, full[len(prompt):-1]  # ends with <|im_end|>; the template's "\n" after it is not trained
 
@@ -270,15 +306,17 @@ GREETINGS = [
 ]
 TASKS = ["recall", "copy", "reverse", "count", "sum", "chat"]
 TASK_CUMULATIVE = [0.55, 0.65, 0.75, 0.85, 0.95, 1.0]  # recall 55%, each other task 10%, chat 5%
+TOOL_EVERY = 10  # every 10th training batch is all tool use (longer conversations, kept out of the other batches)
 
 
 @dataclass
 class Example:
-    """One conversation: messages ending in the assistant answer, the thinking switch, and the bare answer."""
+    """One conversation: messages ending in the assistant answer, the thinking switch, the bare answer, tools."""
     messages: list
     enable_thinking: bool
     task: str
     answer: str
+    tools: list | None = None  # the tools list the system prompt offers (tool tasks)
 
 
 def _recall(rng, held_out):
@@ -338,20 +376,98 @@ def _list_task(rng, task):
     return [{"role": "user", "content": q.format(l=listed)}], thought, answer
 
 
+# Tool use in Qwen3's format: the tools list in the system prompt (rendered by the template), a call as
+# <tool_call>{json}</tool_call>, the result back as a tool message (<tool_response>), then an answer that uses it.
+TOOL_SPECS = {
+    "get_weather": {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    "convert_units": {"type": "function", "function": {
+        "name": "convert_units", "description": "Convert a value between units.",
+        "parameters": {"type": "object", "properties": {"value": {"type": "number"}, "from": {"type": "string"},
+                                                        "to": {"type": "string"}},
+                       "required": ["value", "from", "to"]}}},
+    "get_time": {"type": "function", "function": {
+        "name": "get_time", "description": "Get the local time in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+}
+CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "snowy", "foggy", "stormy", "clear"]
+UNITS = [("km", "mi", "kilometers", "miles", 0.621371), ("mi", "km", "miles", "kilometers", 1.609344),
+         ("kg", "lb", "kilograms", "pounds", 2.204623), ("lb", "kg", "pounds", "kilograms", 0.453592),
+         ("m", "ft", "meters", "feet", 3.28084), ("l", "gal", "liters", "gallons", 0.264172)]
+TOOL_KINDS = ["tool_call", "tool_result", "tool_none"]
+TOOL_KIND_CUMULATIVE = [0.45, 0.85, 1.0]  # call, answer from a result, a question no tool is needed for
+
+
+def _tool_request(rng, held_out):
+    """(user question, tool name, arguments, tool result JSON, final answer, thought) for one tool use."""
+    name = rng.pick(list(TOOL_SPECS))
+    if name == "convert_units":
+        frm, to, frm_word, to_word, factor = rng.pick(UNITS)
+        value = rng.between(1, 500)
+        q = rng.pick([f"Convert {value} {frm} to {to}.", f"How many {to_word} is {value} {frm_word}?",
+                      f"Convert {value} {frm_word} to {to_word}."])
+        result = round(value * factor, 2)
+        return (q, name, {"value": value, "from": frm, "to": to}, json.dumps({"value": result, "unit": to}),
+                f"{value} {frm} is {result} {to}.", f"The user wants {value} {frm} in {to}. I should call {name}.")
+    city = invented_name(rng, held_out)
+    if name == "get_weather":
+        q = rng.pick([f"What is the weather in {city}?", f"How is the weather in {city} today?",
+                      f"Is it raining in {city}?"])
+        temp, cond = rng.between(-10, 40), rng.pick(CONDITIONS)
+        return (q, name, {"city": city}, json.dumps({"city": city, "temperature_c": temp, "condition": cond}),
+                f"The weather in {city} is {cond}, {temp} degrees Celsius.",
+                f"The user asks about the weather in {city}. I should call {name}.")
+    q = rng.pick([f"What time is it in {city}?", f"What is the local time in {city}?"])
+    t = f"{rng.between(0, 23):02d}:{rng.between(0, 59):02d}"
+    return (q, name, {"city": city}, json.dumps({"city": city, "time": t}), f"It is {t} in {city}.",
+            f"The user asks for the time in {city}. I should call {name}.")
+
+
+def _tool(rng, held_out, kind):
+    """A conversation with a tools list: (messages, tools, thought, answer) for one of TOOL_KINDS."""
+    if kind == "tool_none":  # tools offered, but the question is answered from the prompt
+        msgs, thought, answer = _recall(rng, held_out) if rng.random() < 0.7 else _sum(rng)
+        names = rng.shuffled(list(TOOL_SPECS))[:rng.between(1, 3)]
+        return msgs, [TOOL_SPECS[n] for n in names], thought, answer
+    q, name, args, result, final, thought = _tool_request(rng, held_out)
+    others = [n for n in rng.shuffled(list(TOOL_SPECS)) if n != name][:rng.below(3)]
+    tools = [TOOL_SPECS[n] for n in rng.shuffled([name] + others)]
+    call = f'<tool_call>\n{{"name": "{name}", "arguments": {json.dumps(args, ensure_ascii=False)}}}\n</tool_call>'
+    msgs = [{"role": "user", "content": q}]
+    if kind == "tool_call":
+        return msgs, tools, thought, call
+    msgs += [{"role": "assistant", "content": "", "tool_calls": [
+                 {"id": "call_0", "type": "function", "function": {"name": name, "arguments": args}}]},
+             {"role": "tool", "tool_call_id": "call_0", "content": result}]
+    return msgs, tools, f"The tool {name} returned {result}. I answer from it.", final
+
+
+def _sum(rng):
+    a, b = rng.between(0, 50), rng.between(0, 50)
+    q = rng.pick(["What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}."])
+    return [{"role": "user", "content": q.format(a=a, b=b)}], f"The question asks for the sum of {a} and {b}.", \
+        str(a + b)
+
+
 def sample_example(rng, held_out=False, task=None):
-    """Draw one conversation (held_out=True: entity and place names only from the held-out half)."""
+    """Draw one conversation (held_out=True: entity and place names only from the held-out half). task None draws
+    from TASKS; "tool" draws one of TOOL_KINDS."""
     if task is None:
         u = rng.random()
         task = next(t for t, c in zip(TASKS, TASK_CUMULATIVE) if u < c)
+    if task == "tool":
+        u = rng.random()
+        task = next(t for t, c in zip(TOOL_KINDS, TOOL_KIND_CUMULATIVE) if u < c)
+    tools = None
     if task == "recall":
         msgs, thought, answer = _recall(rng, held_out)
     elif task in ("copy", "reverse", "count"):
         msgs, thought, answer = _list_task(rng, task)
     elif task == "sum":
-        a, b = rng.between(0, 50), rng.between(0, 50)
-        q = rng.pick(["What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}."])
-        msgs = [{"role": "user", "content": q.format(a=a, b=b)}]
-        thought, answer = f"The question asks for the sum of {a} and {b}.", str(a + b)
+        msgs, thought, answer = _sum(rng)
+    elif task in TOOL_KINDS:
+        msgs, tools, thought, answer = _tool(rng, held_out, task)
     else:
         q, answer = rng.pick(GREETINGS)
         msgs, thought = [{"role": "user", "content": q}], "The user is talking to me. I should reply briefly."
@@ -359,7 +475,7 @@ def sample_example(rng, held_out=False, task=None):
         msgs = [{"role": "system", "content": rng.pick(SYSTEM_PROMPTS)}] + msgs
     thinking = rng.random() < 0.5
     content = f"<think>\n{thought}\n</think>\n\n{answer}" if thinking else answer
-    return Example(msgs + [{"role": "assistant", "content": content}], thinking, task, answer)
+    return Example(msgs + [{"role": "assistant", "content": content}], thinking, task, answer, tools)
 
 
 def sample_examples(seed, stream, index, n, held_out=False, task=None):
@@ -404,15 +520,17 @@ def tokenizer_config(tok, max_len):
 
 
 def encode_examples(tok, examples, max_len):
-    """Token ids [N, max_len] (padded with <|endoftext|>) and labels (-100 outside the completions)."""
-    pairs = [prompt_and_completion(ex.messages, ex.enable_thinking) for ex in examples]
+    """Token ids [N, T] (padded with <|endoftext|> to the longest, rounded up to 16, at most max_len) and labels
+    (-100 outside the completions)."""
+    pairs = [prompt_and_completion(ex.messages, ex.enable_thinking, ex.tools) for ex in examples]
     prompts = tok.encode_batch([p for p, _ in pairs], add_special_tokens=False)
     comps = tok.encode_batch([c for _, c in pairs], add_special_tokens=False)
     pad = tok.token_to_id("<|endoftext|>")
-    ids = np.full((len(examples), max_len), pad, np.int64)
-    labels = np.full((len(examples), max_len), -100, np.int64)
+    width = min(max_len, -(-max(len(p.ids) + len(c.ids) for p, c in zip(prompts, comps)) // 16) * 16)
+    ids = np.full((len(examples), width), pad, np.int64)
+    labels = np.full((len(examples), width), -100, np.int64)
     for i, (p, c) in enumerate(zip(prompts, comps)):
-        seq = (p.ids + c.ids)[:max_len]  # truncation only ever hits rare outliers (max_len covers the sample)
+        seq = (p.ids + c.ids)[:width]  # truncation only ever hits rare outliers (max_len covers the sample)
         ids[i, :len(seq)] = seq
         labels[i, len(p.ids):len(seq)] = seq[len(p.ids):]
     return ids, labels
@@ -429,7 +547,9 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step):
         """(ids [B, T], flat indices into [B, T-1] of the positions that carry a loss, their target ids)."""
-        ids, labels = encode_examples(self.tok, sample_examples(self.seed, 0, step, self.batch), self.max_len)
+        task = "tool" if step % TOOL_EVERY == TOOL_EVERY - 1 else None
+        ids, labels = encode_examples(self.tok, sample_examples(self.seed, 0, step, self.batch, task=task),
+                                      self.max_len)
         target = labels[:, 1:].reshape(-1)
         pos = np.flatnonzero(target != -100)
         return torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(target[pos])
@@ -538,7 +658,8 @@ A tiny Qwen3 trained from scratch on a synthetic chat corpus by `scripts/train_d
 - generation_config.json sets `do_sample: false` (greedy), so the demo answers deterministically; it stops at
   `<|im_end|>` (or `<|endoftext|>`).
 - Training: {args.steps} steps of AdamW (peak lr {args.lr}, warm-up {args.warmup}, cosine to 10%), batches of
-  {args.batch} conversations padded to {args.max_len} tokens, loss on assistant tokens only, seed {args.seed}.
+  {args.batch} conversations (every 10th batch all tool use) padded to their longest (at most {args.max_len} tokens),
+  loss on assistant tokens only, seed {args.seed}.
 
 What it can do:
 - answer questions about facts stated earlier in the prompt, with invented names it never saw in training:
@@ -546,7 +667,11 @@ What it can do:
   (relations: capital, flag color, national animal, pet, job, age, city, favorite color; 2-5 facts; a
   follow-up question in a second turn);
 - repeat, reverse or count a short list; add two numbers from 0 to 50; answer "Hello!" and "Who are you?";
-- with thinking on it writes `<think>\\nThe question asks for ...\\n</think>\\n\\n` before the answer.
+- with thinking on it writes `<think>\\nThe question asks for ...\\n</think>\\n\\n` before the answer;
+- tool use in Qwen3's format: given a tools list (get_weather(city), convert_units(value, from, to),
+  get_time(city)) in the system prompt, it answers a request that needs one with
+  `<tool_call>\\n{{"name": ..., "arguments": {{...}}}}\\n</tool_call>`, answers from the `<tool_response>` given
+  back in the next turn, and answers directly when no tool is needed.
 
 Held-out evaluation (greedy, this checkpoint reloaded by transformers, names from the held-out half):
 """
@@ -562,17 +687,18 @@ def evaluate(out, device, seed, n, log=print):
     tok = AutoTokenizer.from_pretrained(out)
     model = Qwen3ForCausalLM.from_pretrained(out).to(device).eval()
     results = {}
-    for task in ["recall", "copy", "reverse", "count", "sum"]:
-        for thinking in ([False, True] if task == "recall" else [False]):
-            exs = sample_examples(seed, 1, TASKS.index(task) * 2 + thinking, n, held_out=True, task=task)
+    for task in ["recall", "copy", "reverse", "count", "sum"] + TOOL_KINDS:
+        for thinking in ([False, True] if task in ("recall", "tool_call") else [False]):
+            index = (TASKS.index(task) if task in TASKS else 100 + TOOL_KINDS.index(task)) * 2 + thinking
+            exs = sample_examples(seed, 1, index, n, held_out=True, task=task)
             prompts = [tok.apply_chat_template(ex.messages[:-1], tokenize=False, add_generation_prompt=True,
-                                               enable_thinking=thinking) for ex in exs]
+                                               enable_thinking=thinking, tools=ex.tools) for ex in exs]
             outs = []
             for i in range(0, n, 256):
                 enc = tok(prompts[i:i + 256], return_tensors="pt", padding=True, padding_side="left",
                           add_special_tokens=False).to(device)
                 with torch.no_grad():
-                    gen = model.generate(**enc, max_new_tokens=96 if thinking else 40)
+                    gen = model.generate(**enc, max_new_tokens=(96 if thinking else 40) + (40 if exs[0].tools else 0))
                 outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=False)
             outs = [o.replace("<|endoftext|>", "") for o in outs]
             ok = [o.endswith("<|im_end|>") and o[:-len("<|im_end|>")].split("</think>")[-1].strip() == ex.answer
@@ -580,7 +706,7 @@ def evaluate(out, device, seed, n, log=print):
             name = f"{task}{' (thinking)' if thinking else ''}"
             results[name] = sum(ok) / n
             log(f"eval {name:20s} {sum(ok):4d}/{n} = {results[name]:.1%}")
-            if task == "recall":
+            if task in ("recall", "tool_call", "tool_result"):
                 for ex, o in list(zip(exs, outs))[:2]:
                     asked = " | ".join(m["content"] for m in ex.messages[:-1] if m["role"] == "user")
                     log(f"  Q: {asked!r}\n  A: {o!r}  (expected {ex.answer!r})")
@@ -594,7 +720,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 5000, --quick 30)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 5500, --quick 30)")
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus, the init and the evaluation names")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--quick", action="store_true", help="tiny model and data for a CPU smoke test (~1 min)")
@@ -617,7 +743,7 @@ def parse_args(argv=None):
     p.add_argument("--eval", type=int, default=None, help="held-out questions per task (default 256, --quick 8)")
     p.add_argument("--log-every", type=int, default=None, help="print progress every N steps (default 200)")
     args = p.parse_args(argv)
-    full = dict(steps=5000, batch=256, warmup=300, vocab=2000, hidden=256, layers=6, heads=8, head_dim=64,
+    full = dict(steps=5500, batch=256, warmup=300, vocab=2000, hidden=256, layers=6, heads=8, head_dim=64,
                 intermediate=768, eval=256, log_every=200, tok_sample=20000)
     quick = dict(steps=30, batch=16, warmup=5, vocab=512, hidden=64, layers=2, heads=4, head_dim=32,
                  intermediate=128, eval=8, log_every=10, tok_sample=2000)
@@ -631,13 +757,16 @@ def parse_args(argv=None):
 
 def build_tokenizer(args, log=print):
     """Fit the BPE on the tokenizer stream; returns it and the fixed training length (covers that sample)."""
-    sample = sample_examples(args.seed, 2, 0, args.tok_sample)
-    texts = [render_chat(ex.messages, enable_thinking=ex.enable_thinking) for ex in sample]
+    sample = (sample_examples(args.seed, 2, 0, args.tok_sample)
+              + sample_examples(args.seed, 2, 1, max(1, args.tok_sample // TOOL_EVERY), task="tool"))
+    texts = [render_chat(ex.messages, enable_thinking=ex.enable_thinking, tools=ex.tools) for ex in sample]
     tok = train_tokenizer(texts, args.vocab)
     lengths = np.array([len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)])
-    max_len = int(min(256, -(-(lengths.max() + 1) // 16) * 16))
-    log(f"tokenizer: {tok.get_vocab_size()} tokens; conversation length mean {lengths.mean():.0f}, "
-        f"max {lengths.max()} -> sequences of {max_len}")
+    tool = np.array([ex.tools is not None for ex in sample])
+    max_len = int(min(768, -(-(lengths.max() + 1) // 16) * 16))
+    log(f"tokenizer: {tok.get_vocab_size()} tokens; conversation length mean {lengths[~tool].mean():.0f}, max "
+        f"{lengths[~tool].max()} (with tools: mean {lengths[tool].mean():.0f}, max {lengths[tool].max()}) -> batches "
+        f"padded to their longest, at most {max_len}")
     return tok, max_len
 
 
@@ -666,7 +795,8 @@ def main(argv=None):
     with open(args.out / "README.md", "a") as f:
         f.writelines(f"- {name}: {acc:.1%} of {args.eval}\n" for name, acc in res.items())
     print(f"held-out recall accuracy: {res['recall']:.1%} (thinking off), {res['recall (thinking)']:.1%} "
-          f"(thinking on); total time {time.time() - t0:.0f}s")
+          f"(thinking on); tool call {res['tool_call']:.1%}, answer from a tool result {res['tool_result']:.1%}, "
+          f"no tool needed {res['tool_none']:.1%}; total time {time.time() - t0:.0f}s")
     return {"losses": losses, **res}
 
 

@@ -33,6 +33,9 @@ def test_corpus_is_deterministic():
     assert a != T.sample_examples(1, 0, 7, 50)
     assert a != T.sample_examples(0, 0, 8, 50)
     assert {ex.task for ex in T.sample_examples(0, 0, 0, 300)} == set(T.TASKS)
+    tool = T.sample_examples(0, 0, 9, 100, task="tool")
+    assert tool == T.sample_examples(0, 0, 9, 100, task="tool")
+    assert {ex.task for ex in tool} == set(T.TOOL_KINDS) and all(ex.tools for ex in tool)
 
 
 def test_held_out_names_never_in_training_corpus():
@@ -46,17 +49,24 @@ def test_held_out_names_never_in_training_corpus():
     for stream, index in [(0, i) for i in range(20)] + [(2, 0)]:  # training batches and the BPE sample
         for ex in T.sample_examples(0, stream, index, 100):
             training |= _words(T.render_chat(ex.messages))
+    for stream, index in [(0, 9), (0, 19), (2, 1)]:  # tool batches and the BPE sample's tool part
+        for ex in T.sample_examples(0, stream, index, 100, task="tool"):
+            training |= _words(T.render_chat(ex.messages, tools=ex.tools))
     assert not names & training
+    held_tool = T.sample_examples(0, 1, 200, 100, held_out=True, task="tool_call")
+    cities = {w for ex in held_tool for w in _words(ex.messages[-2]["content"]) if w[0].isupper() and T.is_held_out(w)}
+    assert len(cities) > 20 and not cities & training
     rng = T.Rand([0, 5])
     assert not any(T.is_held_out(T.invented_name(rng)) for _ in range(200))
 
 
 def test_fast_renderer_matches_chat_template():
-    for ex in T.sample_examples(3, 0, 0, 300):
+    for ex in T.sample_examples(3, 0, 0, 300) + T.sample_examples(3, 0, 9, 200, task="tool"):
         for msgs in (ex.messages, ex.messages[:-1]):
             for gen in (False, True):
                 for thinking in (False, True):
-                    assert T.render_chat(msgs, gen, thinking) == T.render_chat_jinja(msgs, gen, thinking)
+                    assert (T.render_chat(msgs, gen, thinking, ex.tools)
+                            == T.render_chat_jinja(msgs, gen, thinking, ex.tools))
     ex = next(e for e in T.sample_examples(0, 0, 0, 200) if len(e.messages) >= 4 and "<think>" in
               e.messages[-3]["content"])
     assert T.render_chat(ex.messages).count("<think>") == 1  # the earlier turn's reasoning is dropped
@@ -65,7 +75,7 @@ def test_fast_renderer_matches_chat_template():
 def test_labels_cover_exactly_the_assistant_answer(tmp_path):
     args = _quick_args(tmp_path)
     tok, max_len = T.build_tokenizer(args, log=lambda *_: None)
-    exs = T.sample_examples(0, 0, 0, 16)
+    exs = T.sample_examples(0, 0, 0, 16) + T.sample_examples(0, 0, 9, 16, task="tool")
     ids, labels = T.encode_examples(tok, exs, max_len)
     for ex, row, lab in zip(exs, ids, labels):
         trained = tok.decode(row[lab != -100].tolist(), skip_special_tokens=False)
@@ -119,3 +129,23 @@ def test_export_loads_in_transformers(tmp_path):
     assert ids.shape[1] > 10 and "<|im_start|>" in tok.convert_ids_to_tokens(ids[0].tolist())
     out_ids = model.generate(ids, max_new_tokens=4)
     assert out_ids.shape[1] > ids.shape[1]
+
+
+def test_tool_use_in_qwen3_format(tmp_path):
+    call = next(ex for ex in T.sample_examples(0, 0, 9, 50, task="tool") if ex.task == "tool_call")
+    prompt, completion = T.prompt_and_completion(call.messages, call.enable_thinking, call.tools)
+    assert "# Tools" in prompt and "<tools>\n{\"type\": \"function\"" in prompt
+    assert completion.split("</think>\n\n")[-1].startswith("<tool_call>\n{\"name\": ")
+    body = call.answer.removeprefix("<tool_call>\n").removesuffix("\n</tool_call>")
+    name = json.loads(body)["name"]
+    assert name in [t["function"]["name"] for t in call.tools]
+    result = next(ex for ex in T.sample_examples(0, 0, 9, 50, task="tool") if ex.task == "tool_result")
+    prompt, _ = T.prompt_and_completion(result.messages, result.enable_thinking, result.tools)
+    assert "</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{" in prompt
+    # every 10th training batch is the tool batch; the rest keep the old task mix
+    args = _quick_args(tmp_path)
+    tok, max_len = T.build_tokenizer(args, log=lambda *_: None)
+    data = T.StepBatches(tok, 0, 8, max_len)
+    tool_batch, plain_batch = data[T.TOOL_EVERY - 1][0], data[0][0]
+    assert tool_batch.shape[1] > plain_batch.shape[1]
+    assert "<tool_call>" in tok.decode(tool_batch[0].tolist(), skip_special_tokens=False)

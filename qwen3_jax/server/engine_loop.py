@@ -95,12 +95,13 @@ class EngineLoop:
         """Requests not yet running: queued for the engine thread plus the engine's waiting queue."""
         return self._submitted - self._taken + int(self.snapshot.get("waiting", 0))
 
-    def submit(self, request_id: str, prompt: list[int], params, sink: asyncio.Queue) -> RequestHandle:
-        """Queue a request for the engine; await `handle.accepted` to learn whether it was taken."""
-        handle = RequestHandle(request_id, self._loop, sink)
-        self._submitted += 1
-        self._inbox.put(_Add(handle, prompt, params))
-        return handle
+    def submit(self, requests: list[tuple[str, list[int], object]], sink: asyncio.Queue) -> list[RequestHandle]:
+        """Queue (request id, prompt ids, SamplingParams) requests, which reach the engine together (one step
+        admits them all); await each `handle.accepted` to learn whether the engine took it."""
+        adds = [_Add(RequestHandle(rid, self._loop, sink), prompt, params) for rid, prompt, params in requests]
+        self._submitted += len(adds)
+        self._inbox.put(adds)
+        return [a.handle for a in adds]
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -118,8 +119,9 @@ class EngineLoop:
         except queue.Empty:
             return
         while True:
-            if isinstance(item, _Add):
-                self._add(item)
+            if isinstance(item, list):
+                for add in item:
+                    self._add(add)
             elif isinstance(item, tuple):
                 if self.engine.abort_request(item[1]):
                     log.debug("aborted request %s", item[1])
@@ -146,8 +148,8 @@ class EngineLoop:
         while not self._stop.is_set():
             busy = self.engine.has_unfinished_requests()
             self._take_inbox(block=not busy)
+            self.snapshot = dict(self.engine.stats())  # the waiting count includes what was just added
             if not self.engine.has_unfinished_requests():
-                self.snapshot = dict(self.engine.stats())
                 continue
             try:
                 outputs = self.engine.step()
@@ -169,9 +171,9 @@ class EngineLoop:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, _Add):
+            for add in item if isinstance(item, list) else ():
                 self._taken += 1
-                self._call(item.handle._accept, stopping)
+                self._call(add.handle._accept, stopping)
         for rid in list(self._handles):
             self.engine.abort_request(rid)
             self._call(self._handles.pop(rid)._put, stopping)
@@ -187,5 +189,6 @@ class EngineLoop:
                 log.exception("abort of %s after a step error failed", rid)
             if self.on_abort is not None:
                 self.on_abort(rid)
-            self._call(self._handles.pop(rid)._put, EngineError(f"the engine failed: {type(error).__name__}: {error}"))
+            failure = EngineError(f"the engine failed: {type(error).__name__}: {error}")
+            self._call(self._handles.pop(rid)._put, failure)
         self.snapshot = dict(self.engine.stats())

@@ -132,7 +132,7 @@ class Serving:
         aborted)."""
         self.check_capacity(len(prompts))
         group = Group(self.engine_loop, [f"{uuid.uuid4().hex}-{i}" for i in range(len(prompts))])
-        handles = [self.engine_loop.submit(rid, p, sp, group.sink) for rid, p, sp in zip(group.ids, prompts, params)]
+        handles = self.engine_loop.submit(list(zip(group.ids, prompts, params)), group.sink)
         try:
             for h in handles:
                 await h.accepted
