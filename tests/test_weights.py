@@ -260,9 +260,14 @@ def hf_with_params(ckpt, params, config):
     from qwen3_jax.quantize import dequantize_params
     from qwen3_jax.weights import hf_shapes, weight_table
 
+    from qwen3_jax.quantize import TiedEmbedding
+
     hf_config = HFConfig.from_pretrained(ckpt)
     hf_config.quantization_config = None
     del hf_config.quantization_config
+    tied_head = params["embed_tokens"].head if isinstance(params["embed_tokens"], TiedEmbedding) else None
+    if tied_head is not None:  # our lm_head is a quantized copy of the table: HF gets it as its own tensor
+        hf_config.tie_word_embeddings = False
     model = Qwen3ForCausalLM(hf_config).float().eval()
     plain = dequantize_params(params, np.float32)
     shapes, state = hf_shapes(config), {}
@@ -272,7 +277,9 @@ def hf_with_params(ckpt, params, config):
             value = value[part]
         value = torch.from_numpy(np.array(value, np.float32))
         state.update(zip(keys, torch.split(value, [shapes[k][0] for k in keys])))
-    if config.tie_word_embeddings:
+    if tied_head is not None:
+        state["lm_head.weight"] = torch.from_numpy(np.array(tied_head.dequantize(), np.float32))
+    elif config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True)
     return model
