@@ -257,10 +257,8 @@ def hf_with_params(ckpt, params, config):
     from transformers import Qwen3Config as HFConfig
     from transformers import Qwen3ForCausalLM
 
-    from qwen3_jax.quantize import dequantize_params
+    from qwen3_jax.quantize import TiedEmbedding, dequantize_params
     from qwen3_jax.weights import hf_shapes, weight_table
-
-    from qwen3_jax.quantize import TiedEmbedding
 
     hf_config = HFConfig.from_pretrained(ckpt)
     hf_config.quantization_config = None
