@@ -14,7 +14,7 @@ from conftest import INTERPRET
 from qwen3_jax import ops
 from qwen3_jax import quantize as qz
 from qwen3_jax.weights import random_params
-from test_demo_model import CASES, answers, score
+from test_demo_model import answers, score
 from test_weights import f32_logits_against_hf
 from tiny_checkpoint import build_checkpoint
 
