@@ -245,7 +245,8 @@ def render(result: dict) -> str:
     lines = [f"## Serving: {meta['model']}, {meta['input_len']} prompt / {meta['output_len']} output tokens, "
              f"{meta['gpu']} ({meta['date']})", "",
              f"`{meta['command']}` (commit {meta['commit']}); streamed `/v1/completions`, greedy, EOS ignored.", "",
-             "| concurrency | req/s | output tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | TPOT p50 (ms) | failed |",
+             "| concurrency | req/s | output tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | TPOT p50 (ms) "
+             "| failed |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
         lines.append(f"| {r['concurrency']} | {fmt(r['requests_per_s'], '.2f')} | {fmt(r['output_tok_per_s'], ',.0f')} "
@@ -261,13 +262,16 @@ def render(result: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="0.6B", help="0.6B|1.7B|4B|8B|14B|32B (random weights), demo, or a checkpoint dir")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="0.6B",
+                   help="0.6B|1.7B|4B|8B|14B|32B (random weights), demo, or a checkpoint directory")
     p.add_argument("--url", default=None, help="benchmark a server already running here instead of starting one")
     p.add_argument("--served-model-name", default="bench", help="model name sent in requests")
     p.add_argument("--api-key", default=None, help="API key of the server at --url")
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated levels of requests in flight")
-    p.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second (default: all at once)")
+    p.add_argument("--request-rate", type=float, default=None,
+                   help="Poisson arrivals per second (default: all at once)")
     p.add_argument("--num-prompts", type=int, default=None, help="timed requests per level (default 4 x concurrency, "
                                                                  "at least 16)")
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens (random ids)")
@@ -277,7 +281,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernels", default="auto", choices=["auto", "pallas", "reference"], help="server ops")
     p.add_argument("--max-num-seqs", type=int, default=None, help="engine batch limit (default: the top concurrency)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV pool blocks (default: from memory)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="device memory fraction for the engine")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="device memory fraction for the engine")
     p.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=True,
                    help="compile every step bucket at server start-up")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
@@ -340,8 +345,8 @@ def main(argv=None) -> dict:
         base["server_tpot_ms"] = one["tpot_p50_ms"]
         base["ratio"] = one["tpot_p50_ms"] / base["generate_tpot_ms"]
         result["baseline"] = base
-        log(f"concurrency 1: server TPOT {one['tpot_p50_ms']:.2f} ms vs LLM.generate {base['generate_tpot_ms']:.2f} ms "
-            f"({base['ratio']:.3f}x)")
+        log(f"concurrency 1: server TPOT {one['tpot_p50_ms']:.2f} ms vs LLM.generate "
+            f"{base['generate_tpot_ms']:.2f} ms ({base['ratio']:.3f}x)")
     if args.json:
         write_json(args.json, result)
     text = render(result)

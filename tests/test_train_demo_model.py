@@ -54,7 +54,8 @@ def test_held_out_names_never_in_training_corpus():
             training |= _words(T.render_chat(ex.messages, tools=ex.tools))
     assert not names & training
     held_tool = T.sample_examples(0, 1, 200, 100, held_out=True, task="tool_call")
-    cities = {w for ex in held_tool for w in _words(ex.messages[-2]["content"]) if w[0].isupper() and T.is_held_out(w)}
+    cities = {w for ex in held_tool for w in _words(ex.messages[-2]["content"])
+              if w[0].isupper() and T.is_held_out(w)}
     assert len(cities) > 20 and not cities & training
     rng = T.Rand([0, 5])
     assert not any(T.is_held_out(T.invented_name(rng)) for _ in range(200))

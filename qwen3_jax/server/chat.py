@@ -10,7 +10,7 @@ import uuid
 
 import jinja2
 
-from .errors import bad_request
+from .errors import APIError, bad_request
 from .logprobs import chat_logprobs
 from .parsers import ChatStreamParser, parse_chat_output
 from .protocol import ChatCompletionRequest
@@ -184,7 +184,6 @@ async def _stream(serving, req, prompt, group, meta, reasoning):
             yield sse({**head, "choices": [], "usage": usage(len(prompt.ids), completion)})
         yield SSE_DONE
     except Exception as e:  # headers are sent: report the failure in the stream, as vLLM does
-        from .errors import APIError
         err = e if isinstance(e, APIError) else APIError(500, f"{type(e).__name__}: {e}")
         yield sse(err.body())
         yield SSE_DONE
