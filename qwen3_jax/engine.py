@@ -18,7 +18,6 @@ from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .block_manager import BlockManager
@@ -38,7 +37,7 @@ class EngineOptions:
 
     max_model_len: int | None = None  # longest prompt + output; default: the config's max_position_embeddings
     max_num_seqs: int = 256  # most sequences running at once (the largest decode batch)
-    max_num_batched_tokens: int = 2048  # token budget of one prefill step (chunked prefill)
+    max_num_batched_tokens: int = 8192  # token budget of one prefill step (chunked prefill)
     block_size: int = 64  # positions per KV block (a power of two >= 16: one attention key tile)
     num_blocks: int | None = None  # KV blocks in the pool; default: from gpu_memory_utilization on a GPU
     gpu_memory_utilization: float = 0.9  # fraction of the device memory that weights + KV cache + steps may use
@@ -67,6 +66,18 @@ def _buckets(limit: int, smallest: int) -> list[int]:
     """Powers of two from `smallest` up to `limit`, and `limit` itself."""
     out = [b for b in (2**i for i in range(31)) if smallest <= b < limit]
     return out + [limit]
+
+
+@dataclasses.dataclass
+class _PendingPrefill:
+    """A prefill step queued on the device whose sampled tokens the host has not read yet."""
+
+    batch: PrefillBatch
+    outputs: dict  # device arrays
+    starts: list[int]  # each sequence's num_computed_tokens before this step
+    completes: list[bool]  # whether this step's chunk completes the sequence's prompt (its first token is due)
+    preemptions: list[int]  # each sequence's preemption count at dispatch: a preempted one's chunk is void
+    targets: np.ndarray  # [N] each token's successor (prompt log-probabilities)
 
 
 @dataclasses.dataclass
@@ -118,12 +129,14 @@ class LLMEngine:
                                    enable_prefix_caching=options.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=options.max_num_seqs,
                                    max_num_batched_tokens=options.max_num_batched_tokens,
-                                   max_prefill_seqs=self.max_prefill_seqs, lookahead=self.lookahead)
+                                   max_prefill_seqs=self.max_prefill_seqs, lookahead=self.lookahead,
+                                   prefills_per_decode=options.decode_steps)
         self.steps = StepCompiler(self.config, model.kernels, options.decode_steps)
         self.seqs: dict[str, Sequence] = {}
         self._decoders: dict[str, StreamDecoder] = {}
         self._texts: dict[str, str] = {}
         self._inflight: _InFlight | None = None
+        self._pending: _PendingPrefill | None = None
         self._ids = itertools.count()
         self._rng = random.Random()
         self.compile_s = self.compile_all() if options.precompile else 0.0
@@ -194,7 +207,7 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         # A decode call in flight whose rows have all finished (at a stop token, or aborted) has nothing to deliver.
         inflight = self._inflight is not None and not all(s.finished for s in self._inflight.batch.seqs)
-        return self.scheduler.has_work() or inflight
+        return self.scheduler.has_work() or inflight or self._pending is not None
 
     @property
     def num_running(self) -> int:
@@ -238,7 +251,11 @@ class LLMEngine:
 
     # ---- stepping --------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns an output for every request that got tokens or finished in it."""
+        """Run one step; returns an output for every request that got tokens or finished in it.
+
+        Device work is queued before the previous work's results are read, so the device stays busy while the host
+        processes them: a decode call continues into the next one, and a prefill step is read after the next
+        prefill step is queued (or before a decode call, which needs the first tokens it sampled)."""
         changed: dict[str, Sequence] = {}
         if self._inflight is not None:
             done = self._inflight
@@ -247,10 +264,15 @@ class LLMEngine:
             if self._inflight is not None:
                 return self._outputs(changed)
         batch = self.scheduler.schedule()
+        pending, self._pending = self._pending, None
         if isinstance(batch, PrefillBatch):
-            self._run_prefill(batch, changed)
-        elif isinstance(batch, DecodeBatch):
-            self._inflight = self._dispatch_decode(batch)
+            self._pending = self._dispatch_prefill(batch)
+        if pending is not None:
+            self._finish_prefill(pending, changed)
+        if isinstance(batch, DecodeBatch):
+            batch.seqs = [s for s in batch.seqs if not s.finished]  # a first token just read may have ended one
+            if batch.seqs:
+                self._inflight = self._dispatch_decode(batch)
         return self._outputs(changed)
 
     def _outputs(self, changed: dict[str, Sequence]) -> list[RequestOutput]:
@@ -266,7 +288,8 @@ class LLMEngine:
         self._texts.pop(seq.request_id, None)
 
     # ---- prefill ---------------------------------------------------------------------------------------
-    def _run_prefill(self, batch: PrefillBatch, changed: dict) -> None:
+    def _dispatch_prefill(self, batch: PrefillBatch) -> _PendingPrefill:
+        """Queue a prefill step; the sequences' computed tokens advance now, so the next step can follow on."""
         opts = self._options(batch.seqs, prompt=True)
         num_tokens = self._bucket("prefill", batch.num_tokens, opts)
         rows = self.max_prefill_seqs
@@ -274,7 +297,7 @@ class LLMEngine:
         positions = np.full(num_tokens, -1, np.int32)
         targets = np.zeros(num_tokens, np.int32)
         last = np.zeros(rows, np.int32)
-        seq_lens, tables, start = [], [], 0
+        seq_lens, tables, starts, completes, start = [], [], [], [], 0
         for i, (seq, chunk) in enumerate(zip(batch.seqs, batch.chunks)):
             ids = seq.token_ids
             lo, hi = seq.num_computed_tokens, seq.num_computed_tokens + chunk
@@ -285,34 +308,38 @@ class LLMEngine:
             last[i] = start + chunk - 1
             seq_lens.append(hi)
             tables.append(seq.block_table)
+            starts.append(lo)
+            seq.num_computed_tokens = hi
+            completes.append(not seq.prefilling and not seq.output_token_ids)
             start += chunk
         meta = AttentionMetadata.for_prefill(tables, seq_lens, batch.chunks, block_size=self.options.block_size,
                                              num_tokens=num_tokens, num_seqs=rows, max_blocks=self.max_blocks_per_seq)
         samp, seeds, counts = self._sampling_rows(batch.seqs, rows)
-        args = (self.model.params, self.cache, jnp.asarray(tokens), jnp.asarray(positions), meta, jnp.asarray(last),
-                jnp.asarray(targets), samp, seeds, counts)
+        tokens, positions, last, targets_d = jax.device_put((tokens, positions, last, targets))
+        args = (self.model.params, self.cache, tokens, positions, meta, last, targets_d, samp, seeds, counts)
         out, self.cache = self.steps.get("prefill", opts, args)(*args)
-        out = jax.device_get(out)
+        return _PendingPrefill(batch, out, starts, completes, [s.num_preemptions for s in batch.seqs], targets)
+
+    def _finish_prefill(self, done: _PendingPrefill, changed: dict) -> None:
+        """Read a prefill step's outputs: prompt log-probabilities, and the first token of each completed prompt."""
+        out = jax.device_get(done.outputs)
         now = time.monotonic()
         start = 0
-        for i, (seq, chunk) in enumerate(zip(batch.seqs, batch.chunks)):
-            if seq.finished:  # aborted meanwhile
-                start += chunk
-                continue
-            lo = seq.num_computed_tokens
-            seq.num_computed_tokens += chunk
-            self._cache_full_blocks(seq)
-            if seq.prompt_logprobs is not None and not seq.output_token_ids:
-                for j in range(chunk):
-                    if lo + j + 1 < len(seq.prompt_token_ids):
-                        seq.prompt_logprobs.append(_logprob_entry(
-                            int(targets[start + j]), out["prompt_logprob"][start + j],
-                            out["prompt_top_ids"][start + j], out["prompt_top_logprobs"][start + j],
-                            seq.params.prompt_logprobs))
-            if not seq.prefilling and not seq.output_token_ids:  # the prompt is in: its first token
-                seq.first_token_time = now
-                self._append(seq, int(out["tokens"][i]), out, (i,))
-                changed[seq.request_id] = seq
+        for i, (seq, chunk) in enumerate(zip(done.batch.seqs, done.batch.chunks)):
+            if seq.status is Status.RUNNING and seq.num_preemptions == done.preemptions[i]:  # not aborted/preempted
+                lo = done.starts[i]
+                self._cache_full_blocks(seq)
+                if seq.prompt_logprobs is not None and not seq.output_token_ids:
+                    for j in range(chunk):
+                        if lo + j + 1 < len(seq.prompt_token_ids):
+                            seq.prompt_logprobs.append(_logprob_entry(
+                                int(done.targets[start + j]), out["prompt_logprob"][start + j],
+                                out["prompt_top_ids"][start + j], out["prompt_top_logprobs"][start + j],
+                                seq.params.prompt_logprobs))
+                if done.completes[i]:  # the prompt is in: its first token
+                    seq.first_token_time = now
+                    self._append(seq, int(out["tokens"][i]), out, (i,))
+                    changed[seq.request_id] = seq
             start += chunk
 
     # ---- decode ----------------------------------------------------------------------------------------
@@ -327,7 +354,7 @@ class LLMEngine:
             counts[:n] = [len(s.output_token_ids) for s in batch.seqs]
             feed = np.zeros(rows, np.int32)
             feed[:n] = [s.output_token_ids[-1] for s in batch.seqs]
-            tokens = jnp.asarray(feed)
+            tokens = jax.device_put(feed)
             stops = np.zeros(rows, np.int32)
             stops[:n] = [s.max_len - 1 for s in batch.seqs]
             samp, seeds, _ = self._sampling_rows(batch.seqs, rows)
@@ -337,8 +364,8 @@ class LLMEngine:
         tables = np.zeros((rows, self.max_blocks_per_seq), np.int32)
         for i, s in enumerate(batch.seqs):
             tables[i, :len(s.block_table)] = s.block_table
-        args = (self.model.params, self.cache, tokens, jnp.asarray(positions), jnp.asarray(stops),
-                jnp.asarray(tables), samp, seeds, jnp.asarray(counts))
+        host = jax.device_put((positions, stops, tables, counts))  # one transfer call for the per-call arrays
+        args = (self.model.params, self.cache, tokens, *host[:3], samp, seeds, host[3])
         outputs, self.cache = self.steps.get("decode", opts, args)(*args)
         return _InFlight(batch, outputs, positions, counts, stops, samp, seeds, opts)
 
@@ -369,7 +396,7 @@ class LLMEngine:
         for i, t in targets.items():
             self.blocks.grow(seqs[i].block_table, t)
         prev = dataclasses.replace(done, stops=stops)
-        return self._dispatch_decode(done.batch, done.outputs["tokens"][:, -1], positions, done.counts + k, prev)
+        return self._dispatch_decode(done.batch, done.outputs["last"], positions, done.counts + k, prev)
 
     def _finish_decode(self, done: _InFlight, changed: dict) -> None:
         out = jax.device_get(done.outputs)
@@ -443,12 +470,12 @@ class LLMEngine:
 
     @staticmethod
     def _sampling_rows(seqs, rows: int):
-        samp = {k: jnp.asarray(v) for k, v in batch_arrays([s.params for s in seqs], rows).items()}
+        samp = jax.device_put(batch_arrays([s.params for s in seqs], rows))
         seeds = np.zeros(rows, np.uint32)
         seeds[:len(seqs)] = [s.seed for s in seqs]
         counts = np.zeros(rows, np.int32)
         counts[:len(seqs)] = [len(s.output_token_ids) for s in seqs]
-        return samp, jnp.asarray(seeds), jnp.asarray(counts)
+        return (samp, *jax.device_put((seeds, counts)))
 
     def _request_output(self, seq: Sequence) -> RequestOutput:
         text = self._texts.get(seq.request_id)

@@ -118,7 +118,7 @@ class AttentionMetadata:
         for s, (n, q) in enumerate(zip(lens, qlens)):
             pos = np.arange(n - q, n)
             slots[start[s]:start[s + 1]] = tables[s, pos // block_size] * block_size + pos % block_size
-        return cls(jnp.asarray(tables), jnp.asarray(lens), jnp.asarray(start), jnp.asarray(slots), decode=False)
+        return cls(*jax.device_put((tables, lens, start, slots)), decode=False)
 
     @classmethod
     def for_decode(cls, block_tables: Sequence[Sequence[int]], positions: Sequence[int], *, num_seqs: int | None = None,

@@ -3,8 +3,9 @@ under a per-step token budget, then decode together; when the pool runs out, the
 preempted (its blocks freed, to be recomputed later from its prompt and the tokens it has produced).
 
 Each step is either a prefill step (chunks of one or more sequences' uncomputed tokens) or a decode step (every
-sequence whose prompt is in the cache, several tokens on the device). When both kinds have work they alternate,
-so running decodes wait at most one prefill chunk.
+sequence whose prompt is in the cache, several tokens on the device). When both kinds have work, up to
+`prefills_per_decode` prefill steps run between two decode calls, so running decodes wait a bounded number of
+prefill chunks.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class DecodeBatch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_prefill_seqs: int, lookahead: int):
+                 max_prefill_seqs: int, lookahead: int, prefills_per_decode: int = 1):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -93,7 +94,11 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self._last_was_prefill = False
+        # While both have work, up to this many prefill steps run between two decode calls. A decode call runs
+        # `lookahead` tokens, so lookahead prefill steps per call admit as fast as vLLM (one decode token per
+        # prefill step) and running sequences still get their tokens at the same average rate.
+        self.prefills_per_decode = prefills_per_decode
+        self._prefills_in_a_row = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -104,12 +109,12 @@ class Scheduler:
     def schedule(self) -> PrefillBatch | DecodeBatch | None:
         """The next step: a prefill batch, a decode batch, or None when nothing can run."""
         decoding = [s for s in self.running if not s.prefilling]
-        if not (self._last_was_prefill and decoding):
+        if not (self._prefills_in_a_row >= self.prefills_per_decode and decoding):
             batch = self._schedule_prefill()
             if batch is not None:
-                self._last_was_prefill = True
+                self._prefills_in_a_row += 1
                 return batch
-        self._last_was_prefill = False
+        self._prefills_in_a_row = 0
         return self._schedule_decode() if decoding else None
 
     def _schedule_prefill(self) -> PrefillBatch | None:
@@ -184,7 +189,9 @@ class Scheduler:
         return None
 
     def _decode_target(self, seq: Sequence) -> int:
-        return min(seq.num_tokens - 1 + self.lookahead, seq.max_len)
+        # A sequence with no output yet has its first token still to be read from its last prefill step.
+        pending_first = 0 if seq.output_token_ids else 1
+        return min(seq.num_tokens - 1 + pending_first + self.lookahead, seq.max_len)
 
     def _decode_blocks(self, seq: Sequence) -> int:
         return max(self.blocks.blocks_needed(self._decode_target(seq)) - len(seq.block_table), 0)

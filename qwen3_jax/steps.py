@@ -84,8 +84,8 @@ def decode_step(params, cache: KVCache, tokens, positions, stops, block_tables, 
         outs = {k: outs[k].at[:, i].set(new[k]) for k in outs}
         return new["tokens"], cache, outs
 
-    _, cache, outs = jax.lax.fori_loop(0, num_steps, body, (tokens, cache, outs))
-    return outs, cache
+    last, cache, outs = jax.lax.fori_loop(0, num_steps, body, (tokens, cache, outs))
+    return {**outs, "last": last}, cache  # "last": the tokens a following call feeds (read on the device only)
 
 
 def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
@@ -131,7 +131,7 @@ class StepCompiler:
 
     def get(self, kind: str, opts: StepOptions, args: tuple):
         """The executable for these arguments' shapes (compiled now, with a log line, if it is not yet)."""
-        key = (kind, opts, _signature(args))
+        key = (kind, opts, _size(args))
         if key not in self._compiled:
             log.info("compiling %s step %s for %s (not compiled at start-up) ...", kind, _describe(opts),
                      _bucket(kind, args))
@@ -144,14 +144,14 @@ class StepCompiler:
 
     def compile_all(self, jobs: list[tuple[str, StepOptions, tuple]], *, progress: bool = True) -> float:
         """Compile every (kind, options, abstract args) job not compiled yet; returns the seconds it took."""
-        todo = [(k, o, a) for k, o, a in jobs if (k, o, _signature(a)) not in self._compiled]
+        todo = [(k, o, a) for k, o, a in jobs if (k, o, _size(a)) not in self._compiled]
         if not todo:
             return 0.0
         t0 = time.perf_counter()
         log.info("compiling %d step executables (prefill and decode buckets) ...", len(todo))
         bar = _progress_bar(len(todo)) if progress else None
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
-            futures = {pool.submit(self._compile, k, o, a): (k, o, _signature(a)) for k, o, a in todo}
+            futures = {pool.submit(self._compile, k, o, a): (k, o, _size(a)) for k, o, a in todo}
             for fut in concurrent.futures.as_completed(futures):
                 self._compiled[futures[fut]] = fut.result()
                 if bar is not None:
@@ -163,15 +163,17 @@ class StepCompiler:
         return seconds
 
     def _compile(self, kind: str, opts: StepOptions, args: tuple):
-        self._sizes.setdefault((kind, opts), set()).add(args[2].shape[0])  # tokens [N] / rows [B]
+        self._sizes.setdefault((kind, opts), set()).add(_size(args))
         t0 = time.perf_counter()
         compiled = self._jit(kind, opts).lower(*args).compile(compiler_options=EXACT_ROUNDING)
         self.compile_seconds += time.perf_counter() - t0  # (summed over threads: CPU-seconds at start-up)
         return compiled
 
 
-def _signature(args) -> tuple:
-    return tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args))
+def _size(args) -> int:
+    """A step's bucket: its token count (prefill) or rows (decode). Every other argument's shape is fixed for the
+    engine (params, pool, table width, prefill rows), so this names the executable, cheaply on every call."""
+    return args[2].shape[0]
 
 
 def _bucket(kind: str, args) -> str:
