@@ -10,7 +10,14 @@ import jax.numpy as jnp
 
 from pallas_kernels import paged_attention as _paged
 from pallas_kernels import qkv_rope as _qkv
+from pallas_kernels import quant_matmul as _qm
 from pallas_kernels import rms_norm as _rms
+
+from .quantize import QuantizedWeight, TiedEmbedding
+
+# Rows (tokens) up to which a quantized linear runs the Pallas dequantize-matmul kernel; above, XLA multiplies by
+# the converted weight. A decode-batch figure, to be tuned on the GPU (BENCHMARKS.md).
+QUANT_KERNEL_MAX_ROWS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +28,7 @@ class Kernels:
     qkv_rope: bool = False
     attention: bool = False
     decode_attention: bool = False
+    quant_matmul: bool = False
     interpret: bool = False
 
     @classmethod
@@ -31,7 +39,8 @@ class Kernels:
     def pallas(cls, interpret: bool | None = None) -> "Kernels":
         if interpret is None:
             interpret = jax.default_backend() != "gpu"
-        return cls(rms_norm=True, qkv_rope=True, attention=True, decode_attention=True, interpret=interpret)
+        return cls(rms_norm=True, qkv_rope=True, attention=True, decode_attention=True, quant_matmul=True,
+                   interpret=interpret)
 
     @classmethod
     def resolve(cls, choice: "str | Kernels | None") -> "Kernels":
@@ -49,17 +58,38 @@ class Kernels:
 
     @property
     def name(self) -> str:
-        flags = (self.rms_norm, self.qkv_rope, self.attention, self.decode_attention)
+        flags = (self.rms_norm, self.qkv_rope, self.attention, self.decode_attention, self.quant_matmul)
         base = "pallas" if all(flags) else "reference" if not any(flags) else "mixed"
         return base + (" (interpret)" if self.interpret and any(flags) else "")
 
 
-def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w.T for an nn.Linear weight w [out, in]: f32 accumulation, result in x's dtype (as torch does)."""
+def linear(x: jax.Array, w, k: Kernels | None = None) -> jax.Array:
+    """x @ w.T for an nn.Linear weight w [out, in]: f32 accumulation, result in x's dtype (as torch does).
+    A quantized w (`QuantizedWeight`, or a `TiedEmbedding`'s head) runs `quantized_linear`."""
+    if isinstance(w, TiedEmbedding):
+        w = w.head
+    if isinstance(w, QuantizedWeight):
+        return quantized_linear(x, w, k)
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
                             precision=precision, preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
+
+
+def quantized_linear(x: jax.Array, w: QuantizedWeight, k: Kernels | None = None) -> jax.Array:
+    """x @ dequantize(w).T: the Pallas dequantize-matmul kernel for up to QUANT_KERNEL_MAX_ROWS rows when
+    `k.quant_matmul` (k None: on a GPU), else XLA's dot over the weight converted to x's dtype."""
+    use_kernel = k.quant_matmul if k is not None else jax.default_backend() == "gpu"
+    rows = x.size // x.shape[-1]
+    args = dict(fmt=w.fmt, in_features=w.in_features, group_size=w.group_size)
+    if use_kernel and rows <= QUANT_KERNEL_MAX_ROWS:
+        return _qm.quant_matmul(x, w.qweight, w.scales, w.zeros, **args, interpret=k is not None and k.interpret)
+    if w.fmt == "int8":  # exact int8 -> activation-dtype products, the per-channel scale after the sum
+        precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+        y = jax.lax.dot_general(x, w.qweight.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
+                                precision=precision, preferred_element_type=jnp.float32)
+        return (y * w.scales.astype(jnp.float32)).astype(x.dtype)
+    return linear(x, w.dequantize(x.dtype))
 
 
 def rms_norm(k: Kernels, x, weight, eps, residual=None):
@@ -72,14 +102,14 @@ def dense(k: Kernels, x, w, *, norm_weight=None, residual=None, eps=None, swiglu
     """A linear layer act(norm(x [+ residual]) @ w.T): the RMSNorm op (optional; with `residual` the call returns
     (y, residual + x)), an XLA matmul, and SwiGLU (silu(gate) * up over w = [gate; up]) as torch rounds it.
 
-    The matmul stays with XLA: a fused Pallas RMSNorm + matrix-vector kernel (Triton lowering) measured slower
-    than XLA's own matrix-vector kernels at decode (BENCHMARKS.md)."""
+    A bf16 matmul stays with XLA: a fused Pallas RMSNorm + matrix-vector kernel (Triton lowering) measured slower
+    than XLA's own matrix-vector kernels at decode (BENCHMARKS.md). A quantized w goes through `quantized_linear`."""
     summed = None
     if norm_weight is not None:
         x = rms_norm(k, x, norm_weight, eps, residual=residual)
         if residual is not None:
             x, summed = x
-    y = linear(x, w)
+    y = linear(x, w, k)
     if swiglu:
         gate, up = jnp.split(y, 2, axis=-1)
         y = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up  # torch's bf16 silu computes in f32
