@@ -57,7 +57,8 @@ def test_inv_freq_matches_hf_formula():
     ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope scaling type 'longrope' is not supported"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling type 'llama3' is not supported"),
     ({"rope_scaling": {"rope_type": "ntk", "factor": 2.0}}, "rope scaling type 'ntk' is not supported"),
-    ({"rope_scaling": {"rope_type": "yarn", "original_max_position_embeddings": 64}}, "yarn rope scaling needs 'factor'"),
+    ({"rope_scaling": {"rope_type": "yarn", "original_max_position_embeddings": 64}},
+     "yarn rope scaling needs 'factor'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fats": 16}}, "field.*beta_fats not understood"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 0.5}}, "yarn rope scaling field 'factor' must be >= 1"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": "4"}}, "yarn rope scaling field 'factor' must be a positive"),
@@ -107,8 +108,8 @@ YARN_CASES = {
     "null-factor": dict(rope_scaling={"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 128}),
     "null-truncate": dict(rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 96,
                                         "truncate": None, "beta_fast": 0}),
-    "top-level-original": dict(original_max_position_embeddings=100,
-                               rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}),
+    "top-level-original": dict(original_max_position_embeddings=100, rope_scaling={
+        "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}),
 }
 
 
@@ -140,8 +141,8 @@ def test_yarn_defaults_as_transformers():
     assert (c.rope_original_max_position_embeddings, c.rope_beta_fast, c.rope_beta_slow, c.rope_truncate) == \
         (None, None, None, True)
     assert c.rope_attention_scaling == pytest.approx(0.1 * np.log(4.0) + 1.0)
-    assert cfg(rope_scaling={"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 128}).rope_factor \
-        == 512 / 128
+    null_factor = cfg(rope_scaling={"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 128})
+    assert null_factor.rope_factor == 512 / 128
     assert cfg(rope_scaling={"rope_type": "yarn", "factor": 4.0, "truncate": None}).rope_truncate is False
     c = cfg(original_max_position_embeddings=100, rope_scaling={"rope_type": "yarn", "factor": 2.0,
                                                                 "original_max_position_embeddings": 64})

@@ -6,6 +6,9 @@ Two configs: factor 2 over an original context of 64 (no optional field: transfo
 1.25x the original length, as 40960 vs 32768).
 """
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ import torch
 
 import qwen3_jax as q
 from conftest import INTERPRET
-from paged_rows import forward_rows, row_cache
+from paged_rows import RowCache, row_cache
 from pallas_kernels import qkv_rope as qr
 from tiny_checkpoint import build_checkpoint, load_hf_model
 
@@ -57,6 +60,24 @@ def random_ids(n, seed, vocab=512):
     return np.random.default_rng(seed).integers(0, vocab, n).tolist()
 
 
+@functools.partial(jax.jit, static_argnames=("config", "kernels"))
+def _forward(params, tokens, positions, cache, meta, *, config, kernels):
+    return q.forward(params, tokens, positions, cache, meta, config=config, kernels=kernels)
+
+
+def run(model, ids, start, rc: RowCache, kernels=q.Kernels()):
+    """Tokens `ids` at positions start, start + 1, ... of a one-row cache, as one jitted step (a fraction of
+    the eager `paged_rows.forward_rows`'s CPU time at these lengths) -> (logits [T, V], row cache)."""
+    t = len(ids)
+    if t == 1:
+        meta = q.AttentionMetadata.for_decode(rc.tables, [start])
+    else:
+        meta = q.AttentionMetadata.for_prefill(rc.tables, [start + t], [t], block_size=rc.block_size, num_tokens=t)
+    logits, cache = _forward(model.params, jnp.asarray(ids, jnp.int32), jnp.arange(start, start + t, dtype=jnp.int32),
+                             rc.cache, meta, config=model.config, kernels=kernels)
+    return np.asarray(logits), RowCache(cache, rc.tables)
+
+
 def hf_logits(hf, ids):
     with torch.no_grad():
         return hf(torch.tensor([ids])).logits[0].float().numpy()
@@ -73,9 +94,7 @@ def test_checkpoint_is_yarn_as_transformers_reads_it(model, hf):
 def test_f32_logits_match_hf_below_and_far_beyond_the_original_context(model, hf):
     ids = random_ids(LONG, seed=1)
     ref = hf_logits(hf, ids)
-    logits, _ = forward_rows(model.params, np.array([ids]), np.arange(LONG)[None], row_cache(model.config, 1, LONG),
-                             config=model.config)
-    logits = np.asarray(logits[0])
+    logits, _ = run(model, ids, 0, row_cache(model.config, 1, LONG))
     orig = model.config.rope_original_max_position_embeddings
     assert rel(logits, ref) <= 1e-4
     assert rel(logits[:orig], ref[:orig]) <= 1e-4  # inside the original context
@@ -84,21 +103,17 @@ def test_f32_logits_match_hf_below_and_far_beyond_the_original_context(model, hf
 
 @pytest.mark.parametrize("ckpt", ["f2-orig64-defaults"], indirect=True)  # interpret mode is slow on CPU
 def test_pallas_kernels_match_hf_beyond_the_original_context(model, hf):
-    """The qkv_rope + paged prefill kernels on a chunk past the original context, then the fused paged decode kernel
-    (interpret mode on CPU), over a cache the reference path wrote: RoPE takes the attention factor as HF does."""
+    """The kernels that apply RoPE, in interpret mode on CPU: `qkv_rope` over a prompt past the original context,
+    then the fused paged decode kernel (qkv_rope + decode attention) over the cache it wrote."""
     n = model.config.rope_original_max_position_embeddings + 16
     ids = random_ids(n + 1, seed=2)
     ref = hf_logits(hf, ids)
-    kernels = q.Kernels.pallas(interpret=INTERPRET)
-    rc = row_cache(model.config, 1, n + 1)
-    first, rc = forward_rows(model.params, np.array([ids[:n - 8]]), np.arange(n - 8)[None], rc, config=model.config)
-    chunk, rc = forward_rows(model.params, np.array([ids[n - 8:n]]), np.arange(n - 8, n)[None], rc,
-                             config=model.config, kernels=kernels)
-    step, _ = forward_rows(model.params, np.array([ids[n:]]), np.array([[n]]), rc, config=model.config,
-                           kernels=kernels)
-    assert rel(first[0], ref[:n - 8]) <= 1e-4
-    assert rel(chunk[0], ref[n - 8:n]) <= 1e-4
-    assert rel(step[0, 0], ref[n]) <= 1e-4
+    kernels = q.Kernels(qkv_rope=True, decode_attention=True, interpret=INTERPRET)
+    prefill, rc = run(model, ids[:n], 0, row_cache(model.config, 1, n + 1), kernels)
+    step, _ = run(model, ids[n:], n, rc, kernels)
+    assert rel(prefill, ref[:n]) <= 1e-4
+    assert rel(prefill[-16:], ref[n - 16:n]) <= 1e-4  # past the original context
+    assert rel(step[0], ref[n]) <= 1e-4
 
 
 def test_rope_tables_scaled_as_hf_in_bf16(model, hf):
@@ -133,7 +148,7 @@ def test_long_prompt_in_chunks_equals_one_prefill_and_hf_greedy(model, hf):
     are HF `generate`'s."""
     c = model.config
     prompt = random_ids(c.rope_original_max_position_embeddings + 16, seed=4)
-    new = c.max_position_embeddings - len(prompt) - 4
+    new = min(16, c.max_position_embeddings - len(prompt))
     params = q.SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, logprobs=3, prompt_logprobs=3)
     (chunked,) = engine(model, 32).generate([prompt], params)
     (whole,) = engine(model, 256).generate([prompt], params)
