@@ -62,9 +62,14 @@ class EngineOptions:
                              f"{self.gpu_memory_utilization!r}")
 
 
-def _buckets(limit: int, smallest: int) -> list[int]:
-    """Powers of two from `smallest` up to `limit`, and `limit` itself."""
-    out = [b for b in (2**i for i in range(31)) if smallest <= b < limit]
+def _buckets(limit: int, smallest: int, dense_from: int) -> list[int]:
+    """Step sizes to compile: from `smallest`, x4 up to `dense_from`, then x2, up to `limit`, and `limit` itself.
+    Each bucket is an executable compiled at start-up (several seconds each), so small sizes, where padding a step
+    costs little (decode rows are weight-bandwidth bound; a short prefill is quick), are spaced wider."""
+    out, b = [], smallest
+    while b < limit:
+        out.append(b)
+        b *= 4 if b < dense_from else 2
     return out + [limit]
 
 
@@ -109,8 +114,9 @@ class LLMEngine:
         self.max_blocks_per_seq = -(-max_model_len // options.block_size)
         self.lookahead = options.decode_steps  # positions one decode call may write past a sequence's end
         self.max_prefill_seqs = min(options.max_num_seqs, max(1, options.max_num_batched_tokens // 16), 64)
-        self.decode_buckets = _buckets(options.max_num_seqs, 1)
-        self.prefill_buckets = _buckets(options.max_num_batched_tokens, min(64, options.max_num_batched_tokens))
+        self.decode_buckets = _buckets(options.max_num_seqs, 1, dense_from=16)  # 1, 4, 16, 32, 64, ...
+        self.prefill_buckets = _buckets(options.max_num_batched_tokens, min(64, options.max_num_batched_tokens),
+                                        dense_from=1024)  # 64, 256, 1024, 2048, ...
 
         # The kernels address one layer's pool with int32 element offsets.
         most = (2**31 - 1) // (self.config.num_key_value_heads * options.block_size * self.config.head_dim)
