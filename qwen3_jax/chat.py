@@ -217,10 +217,11 @@ def chat_main(args) -> int:
     overrides = dict(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
                      min_p=args.min_p, seed=args.seed)
     sampling = dataclasses.replace(model.default_sampling(**overrides), max_tokens=args.max_new_tokens)
-    max_model_len = args.max_model_len or model.config.max_position_embeddings
-    if max_model_len > model.config.max_position_embeddings:
+    max_model_len = args.max_model_len or model.config.max_context_len
+    if max_model_len > model.config.max_context_len:
         raise ValueError(f"--max-model-len {max_model_len} is beyond the model's context of "
-                         f"{model.config.max_position_embeddings} tokens (max_position_embeddings)")
+                         f"{model.config.max_context_len} tokens (max_position_embeddings, or YaRN's factor x "
+                         "original_max_position_embeddings)")
     block_size = 64
     llm = LLM(model, max_num_seqs=1, decode_steps=args.decode_steps, precompile=False, max_model_len=max_model_len,
               block_size=block_size, num_blocks=-(-max_model_len // block_size) + 1)

@@ -311,7 +311,7 @@ def _check_prompts(args, model_dir: Path, prompts: list[str]) -> None:
     from .config import Qwen3Config
     from .tokenizer import Tokenizer
 
-    context = Qwen3Config.from_pretrained(model_dir).max_position_embeddings
+    context = Qwen3Config.from_pretrained(model_dir).max_context_len
     tok = Tokenizer.from_pretrained(model_dir)
     for row, p in enumerate(prompts):
         if args.chat:
@@ -321,7 +321,7 @@ def _check_prompts(args, model_dir: Path, prompts: list[str]) -> None:
             which = f"prompt {row}" if len(prompts) > 1 else "the prompt"
             raise UsageError(f"{which} has {n} tokens; with --max-new-tokens {args.max_new_tokens} that is "
                              f"{n + args.max_new_tokens}, beyond the model's context of {context} tokens "
-                             "(max_position_embeddings)")
+                             "(max_position_embeddings, or YaRN's factor x original_max_position_embeddings)")
 
 
 class _CtrlC:

@@ -35,7 +35,7 @@ log = logging.getLogger("qwen3_jax")
 class EngineOptions:
     """Engine settings, with vLLM's names. None picks the default described beside each field."""
 
-    max_model_len: int | None = None  # longest prompt + output; default: the config's max_position_embeddings
+    max_model_len: int | None = None  # longest prompt + output; default: the config's context (max_context_len)
     max_num_seqs: int = 256  # most sequences running at once (the largest decode batch)
     max_num_batched_tokens: int = 8192  # token budget of one prefill step (chunked prefill)
     block_size: int = 64  # positions per KV block (a power of two >= 16: one attention key tile)
@@ -105,11 +105,12 @@ class LLMEngine:
     def __init__(self, model, options: EngineOptions | None = None, **kwargs):
         options = dataclasses.replace(options or EngineOptions(), **kwargs)
         self.model, self.config = model, model.config
-        limit = self.config.max_position_embeddings
+        limit = self.config.max_context_len
         max_model_len = options.max_model_len or limit
         if max_model_len > limit:
             raise ValueError(f"max_model_len={max_model_len} is beyond the model's context of {limit} positions "
-                             "(max_position_embeddings in config.json)")
+                             "(max_position_embeddings in config.json, or YaRN's factor x "
+                             "original_max_position_embeddings)")
         self.options = options = dataclasses.replace(options, max_model_len=max_model_len)
         self.max_blocks_per_seq = -(-max_model_len // options.block_size)
         self.lookahead = options.decode_steps  # positions one decode call may write past a sequence's end

@@ -268,11 +268,12 @@ def generate(model: Qwen3, prompts: str | Sequence[str] | Sequence[Sequence[int]
             raise ValueError(f"prompt {row} is empty: a prompt needs at least one token")
     sampling = dataclasses.replace(sampling or model.default_sampling(), max_tokens=max_new_tokens)
     for row, p in enumerate(ids):
-        if len(p) + max_new_tokens > model.config.max_position_embeddings:
+        if len(p) + max_new_tokens > model.config.max_context_len:
             raise ValueError(
                 f"prompt {row} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
                 f"{len(p) + max_new_tokens} positions, beyond the model's context of "
-                f"{model.config.max_position_embeddings} (max_position_embeddings)")
+                f"{model.config.max_context_len} (max_position_embeddings, or YaRN's factor x "
+                "original_max_position_embeddings)")
 
     block_size = EngineOptions.block_size
     blocks = sum(-(-(len(p) + max_new_tokens) // block_size) for p in ids)  # every request's whole length at once

@@ -85,6 +85,6 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCach
     if logits_indices is not None:
         x = x[logits_indices.astype(jnp.int32)]  # [S, H]
     lm_head = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
-    logits = linear(x, lm_head).astype(jnp.float32)  # HF: lm_head in the model dtype, then .float()
+    logits = linear(x, lm_head, kernels).astype(jnp.float32)  # HF: lm_head in the model dtype, then .float()
     cache = KVCache(k=tuple(new_k), v=tuple(new_v))
     return (logits, cache, hidden) if return_hidden else (logits, cache)

@@ -29,9 +29,7 @@ def hf_config(config: Qwen3Config):
     """The transformers Qwen3Config for our config (sdpa attention, no EOS)."""
     from transformers import Qwen3Config as HFQwen3Config
 
-    rope = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
-    if config.rope_type == "linear":
-        rope["factor"] = config.rope_factor
+    rope = config.rope_parameters()
     return HFQwen3Config(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import qwen3_jax as q
+from qwen3_jax.weights import random_params
 from conftest import INTERPRET
 from paged_rows import RowCache, row_cache
 from pallas_kernels import qkv_rope as qr
@@ -163,3 +164,15 @@ def test_long_prompt_in_chunks_equals_one_prefill_and_hf_greedy(model, hf):
                           max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
                           pad_token_id=0)
     assert chunked.token_ids == out[0, len(prompt):].tolist()
+
+
+def test_engine_context_is_yarns_factor_times_the_original_length():
+    config = q.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, dtype="float32",
+                           max_position_embeddings=80, rope_type="yarn", rope_factor=2.0,
+                           rope_original_max_position_embeddings=64)
+    model = q.Qwen3(config, random_params(config), tokenizer=None, generation_config={},
+                    kernels=q.Kernels.reference())
+    assert q.LLMEngine(model, block_size=16, num_blocks=16, precompile=False).options.max_model_len == 128
+    with pytest.raises(ValueError, match="max_model_len=129 is beyond the model's context of 128"):
+        q.LLMEngine(model, max_model_len=129, block_size=16, num_blocks=16, precompile=False)
