@@ -97,6 +97,9 @@ def _model_options(p: argparse.ArgumentParser, *, positional: bool = False) -> N
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
                    help="Pallas kernels or the jnp reference ops (auto: kernels on a GPU)")
+    p.add_argument("--quantize", choices=("int8", "int4"),
+                   help="quantize the linear layers' weights at load (FP8 and AWQ checkpoints load quantized as they "
+                        "are)")
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
@@ -361,7 +364,7 @@ def _generate(args, ctrl_c: _CtrlC) -> int:
     from .generate import generate, load
 
     print(f"loading {model_dir} ...", file=sys.stderr)
-    model = load(model_dir, dtype=args.dtype, kernels=args.kernels)
+    model = load(model_dir, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize)
     sampling = _sampling(args, model)
     print(f"{model.config.num_params() / 1e6:,.1f}M parameters, {model.config.dtype}, kernels: "
           f"{model.kernels.name}, sampling: {describe_sampling(sampling)}", file=sys.stderr)
@@ -416,7 +419,7 @@ def run_bench(args) -> int:
     model_dir = args.model or DEMO_MODEL_DIR
     total = args.prompt_len + args.new_tokens
     block_size = 64
-    llm = LLM(model_dir, dtype=args.dtype, kernels=args.kernels, max_num_seqs=args.batch,
+    llm = LLM(model_dir, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize, max_num_seqs=args.batch,
               decode_steps=args.decode_steps, precompile=False, max_model_len=total,
               num_blocks=args.batch * -(-total // block_size), block_size=block_size)
     vocab = llm.model.config.vocab_size

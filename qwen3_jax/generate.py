@@ -107,7 +107,7 @@ def load(model_dir: str | Path, *, dtype: str | None = None, kernels: str | Kern
 
     `quantize` ('int8' or 'int4') quantizes the linear layers' weights at load, except the modules named in
     `modules_to_not_convert` (e.g. ('lm_head',)); FP8 and AWQ checkpoints load quantized as they are."""
-    model_dir = Path(model_dir)
+    model_dir = Path(model_dir).expanduser()
     config = Qwen3Config.from_pretrained(model_dir, dtype=dtype)
     kernels = Kernels.resolve(kernels)
     # the small files first, so a broken tokenizer or generation config fails before gigabytes are read

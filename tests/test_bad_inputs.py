@@ -274,6 +274,7 @@ CLI = [
     ("seed-too-large", ["generate", "--seed", str(2**40)], 2, r"argument --seed: must be an integer in"),
     ("dtype", ["generate", "--dtype", "int8"], 2, r"argument --dtype: invalid choice: 'int8'"),
     ("kernels", ["generate", "--kernels", "triton"], 2, r"argument --kernels: invalid choice: 'triton'"),
+    ("quantize", ["generate", "--quantize", "int3"], 2, r"argument --quantize: invalid choice: 'int3'"),
     ("thinking-without-chat", ["generate", "--thinking", "--prompt", "x"], 2,
      r"--thinking needs --chat \(thinking is a switch of the chat template\)"),
     ("no-thinking-without-chat", ["generate", "--no-thinking", "--prompt", "x"], 2, r"--no-thinking needs --chat"),

@@ -46,6 +46,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="log level of the server and uvicorn")
     e = parser.add_argument_group("engine")
     e.add_argument("--dtype", default=None, help="override the checkpoint's dtype (bfloat16, float16, float32)")
+    e.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="quantize the linear layers' weights at load (FP8 and AWQ checkpoints load quantized as is)")
     e.add_argument("--kernels", default="auto", choices=["auto", "pallas", "reference"],
                    help="Pallas kernels (auto: on a GPU) or the pure-jnp reference ops")
     e.add_argument("--max-model-len", type=int, default=None,
@@ -96,7 +98,7 @@ def serve(args) -> int:
     from ..engine import EngineOptions, LLMEngine
     from ..generate import load
 
-    model = load(args.model, dtype=args.dtype, kernels=args.kernels)
+    model = load(args.model, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize)
     log.info("loaded %s (%s, %.2f B params) in %.1f s", args.model, model.config.dtype,
              model.config.num_params() / 1e9, time.perf_counter() - t0)
     options = {k: getattr(args, k) for k in _ENGINE_FLAGS if getattr(args, k) is not None}
