@@ -1,9 +1,12 @@
-"""Per-request sampling parameters (vLLM's names), and token selection inside jit: greedy, or temperature /
-top-k / top-p / min-p sampling in Hugging Face's order, row by row; plus the log-probabilities of chosen tokens."""
+"""Per-request sampling parameters (vLLM's names), and token selection inside jit: repetition / presence /
+frequency penalties on the raw logits, then greedy, or temperature / top-k / top-p / min-p sampling in Hugging
+Face's order, row by row; plus the log-probabilities of chosen tokens."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from collections.abc import Sequence
 
 import jax
@@ -11,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_LOGPROBS = 20  # the most top log-probabilities a request may ask for (vLLM's default max_logprobs)
+PENALTY_FIELDS = ("repetition_penalty", "presence_penalty", "frequency_penalty")
+log = logging.getLogger("qwen3_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +29,12 @@ class SamplingParams:
     text is detokenized, so a string spanning several tokens is found). `logprobs=k` returns, for each
     generated token, its log-probability and the k most likely tokens'; `prompt_logprobs=k` the same for every
     prompt token after the first. Log-probabilities are the model's (log_softmax of the logits, before
-    temperature and filters), as vLLM returns them.
+    penalties, temperature and filters), as vLLM returns them.
+
+    Penalties change the logits before temperature and the filters (greedy rows too), as HF and vLLM apply them:
+    `repetition_penalty` (HF's; 1 = off) divides the positive and multiplies the negative logits of every token in
+    the prompt or the output; `presence_penalty` and `frequency_penalty` (OpenAI's, in [-2, 2]; 0 = off) subtract
+    presence_penalty once and frequency_penalty per occurrence for each token in the output.
     """
 
     temperature: float = 1.0
@@ -39,6 +49,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         def bad(name, why):
@@ -78,7 +91,14 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not is_int(v) or not 0 <= v <= MAX_LOGPROBS):
                 bad(name, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
-        for name in ("temperature", "top_p", "min_p"):
+        rp = self.repetition_penalty
+        if not is_num(rp) or not 0 < rp < float("inf"):
+            bad("repetition_penalty", "must be a finite number > 0 (1 disables it)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not is_num(v) or not -2 <= v <= 2:
+                bad(name, "must be in [-2, 2] (0 disables it)")
+        for name in ("temperature", "top_p", "min_p") + PENALTY_FIELDS:
             object.__setattr__(self, name, float(getattr(self, name)))
         for name in ("top_k", "max_tokens"):
             object.__setattr__(self, name, int(getattr(self, name)))
@@ -87,18 +107,28 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on (such a request runs the steps' penalty variant)."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
     @classmethod
     def greedy_decoding(cls, **kwargs) -> "SamplingParams":
         return cls(temperature=0.0, **kwargs)
 
     @classmethod
     def from_generation_config(cls, gen: dict, **overrides) -> "SamplingParams":
-        """Defaults as HF's `generate` takes them from generation_config.json; `overrides` (None = keep) win."""
+        """Defaults as HF's `generate` takes them from generation_config.json; `overrides` (None = keep) win. A
+        field that would change HF's tokens and that we do not implement is logged once as a warning."""
         if gen.get("do_sample", False):
             values = {"temperature": gen.get("temperature", 1.0), "top_k": gen.get("top_k", 50) or 0,
                       "top_p": gen.get("top_p", 1.0), "min_p": gen.get("min_p") or 0.0}
         else:
             values = {"temperature": 0.0}
+        if gen.get("repetition_penalty") is not None:  # HF applies it with and without do_sample
+            values["repetition_penalty"] = gen["repetition_penalty"]
+        for name, why in unsupported_generation_fields(gen):
+            _warn_once(name, repr(gen[name]), why)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -107,14 +137,122 @@ class SamplingParams:
         return batch_arrays([self], 1)
 
 
-def batch_arrays(params: Sequence[SamplingParams], rows: int) -> dict:
-    """Per-row filter values [rows] for a step (padding rows greedy): changing them does not recompile."""
+# generation_config.json fields that change HF's tokens and that we do not implement: (field, when it is active,
+# why). Sampling warpers count only with do_sample; beam-search settings only with num_beams > 1; fields that
+# change neither the chosen tokens nor their count (max_length, renormalize_logits, assistant settings, ...) are
+# not listed.
+def _set(v) -> bool:
+    return v is not None and v is not False and v != [] and v != {}
+
+
+_UNSUPPORTED = (
+    ("no_repeat_ngram_size", lambda v, g: (v or 0) > 0, "no-repeat n-gram blocking is not implemented"),
+    ("encoder_no_repeat_ngram_size", lambda v, g: (v or 0) > 0, "not implemented (an encoder-decoder setting)"),
+    ("encoder_repetition_penalty", lambda v, g: v not in (None, 1, 1.0), "not implemented"),
+    ("bad_words_ids", lambda v, g: _set(v), "banned word lists are not implemented"),
+    ("force_words_ids", lambda v, g: _set(v), "constrained beam search is not implemented"),
+    ("sequence_bias", lambda v, g: _set(v), "sequence biases are not implemented"),
+    ("suppress_tokens", lambda v, g: _set(v), "token suppression is not implemented"),
+    ("begin_suppress_tokens", lambda v, g: _set(v), "token suppression is not implemented"),
+    ("forced_bos_token_id", lambda v, g: v is not None, "forced tokens are not implemented"),
+    ("forced_eos_token_id", lambda v, g: _set(v), "forced tokens are not implemented"),
+    ("min_length", lambda v, g: (v or 0) > 0, "a minimum length is not implemented"),
+    ("min_new_tokens", lambda v, g: (v or 0) > 0, "a minimum length is not implemented"),
+    ("exponential_decay_length_penalty", lambda v, g: _set(v), "not implemented"),
+    ("guidance_scale", lambda v, g: v not in (None, 1, 1.0), "classifier-free guidance is not implemented"),
+    ("watermarking_config", lambda v, g: _set(v), "watermarking is not implemented"),
+    ("stop_strings", lambda v, g: _set(v), "not taken from generation_config.json (pass stop strings per request)"),
+    ("num_return_sequences", lambda v, g: (v or 1) > 1, "one sequence per request is returned"),
+    ("typical_p", lambda v, g: g.get("do_sample") and v is not None and v < 1, "typical sampling is not implemented"),
+    ("epsilon_cutoff", lambda v, g: g.get("do_sample") and v is not None and 0 < v < 1, "not implemented"),
+    ("eta_cutoff", lambda v, g: g.get("do_sample") and v is not None and 0 < v < 1, "not implemented"),
+    ("top_h", lambda v, g: g.get("do_sample") and v is not None, "top-h sampling is not implemented"),
+    ("num_beams", lambda v, g: (v or 1) > 1, "beam search is not implemented (sampling or greedy instead)"),
+    ("num_beam_groups", lambda v, g: (v or 1) > 1, "group beam search is not implemented"),
+    ("length_penalty", lambda v, g: (g.get("num_beams") or 1) > 1 and v not in (None, 1, 1.0),
+     "beam search is not implemented"),
+    ("diversity_penalty", lambda v, g: (g.get("num_beam_groups") or 1) > 1 and v not in (None, 0, 0.0),
+     "group beam search is not implemented"),
+    ("penalty_alpha", lambda v, g: v is not None and v > 0 and (g.get("top_k") or 0) > 1,
+     "contrastive search is not implemented"),
+    ("dola_layers", lambda v, g: v is not None, "DoLa decoding is not implemented"),
+)
+
+
+def unsupported_generation_fields(gen: dict) -> list[tuple[str, str]]:
+    """(field, why) for each generation_config.json field that would change HF's tokens and that we ignore."""
+    out = []
+    for name, active, why in _UNSUPPORTED:
+        try:
+            on = name in gen and bool(active(gen[name], gen))
+        except TypeError:  # a value of the wrong type: HF would refuse it; we ignore it all the same
+            on = True
+        if on:
+            out.append((name, why))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(name: str, value: str, why: str) -> None:
+    log.warning("generation_config.json: %s=%s is ignored: %s", name, value, why)
+
+
+def batch_arrays(params: Sequence[SamplingParams], rows: int, *, penalties: bool = False) -> dict:
+    """Per-row filter values [rows] for a step (padding rows greedy): changing them does not recompile. With
+    `penalties`, the penalty values too (padding rows: off)."""
     def col(name, pad, dtype, fn=lambda x: x):
         values = [fn(getattr(p, name)) for p in params] + [pad] * (rows - len(params))
         return np.asarray(values, dtype)
 
-    return {"temperature": col("temperature", 0.0, np.float32), "top_k": col("top_k", 0, np.int32),
-            "top_p": col("top_p", 1.0, np.float32), "min_p": col("min_p", 0.0, np.float32)}
+    out = {"temperature": col("temperature", 0.0, np.float32), "top_k": col("top_k", 0, np.int32),
+           "top_p": col("top_p", 1.0, np.float32), "min_p": col("min_p", 0.0, np.float32)}
+    if penalties:
+        out.update(repetition_penalty=col("repetition_penalty", 1.0, np.float32),
+                   presence_penalty=col("presence_penalty", 0.0, np.float32),
+                   frequency_penalty=col("frequency_penalty", 0.0, np.float32))
+    return out
+
+
+def history_arrays(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int], rows: int, width: int) -> dict:
+    """Each row's tokens so far (prompt, then output) padded with -1 to [rows, width], and its prompt length
+    [rows]: what the penalties count, from `token_counts` inside the step."""
+    history = np.full((rows, width), -1, np.int32)
+    for i, ids in enumerate(token_ids):
+        history[i, :len(ids)] = ids
+    lens = np.zeros(rows, np.int32)
+    lens[:len(prompt_lens)] = prompt_lens
+    return {"history": history, "prompt_lens": lens}
+
+
+def token_counts(history: jax.Array, prompt_lens: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:
+    """From token ids [B, L] (-1: none), the first prompt_lens[b] of each row its prompt -> (seen [B, V] bool:
+    in the prompt or the output, counts [B, V] int32: occurrences in the output)."""
+    batch, width = history.shape
+    rows = jnp.arange(batch)[:, None]  # [B, 1]
+    valid = history >= 0
+    ids = jnp.where(valid, history, vocab)  # out of range: dropped
+    seen = jnp.zeros((batch, vocab), bool).at[rows, ids].set(True, mode="drop")
+    output = valid & (jnp.arange(width)[None, :] >= prompt_lens[:, None])  # [B, L]
+    counts = jnp.zeros((batch, vocab), jnp.int32).at[rows, ids].add(output.astype(jnp.int32), mode="drop")
+    return seen, counts
+
+
+def record_tokens(seen: jax.Array, counts: jax.Array, tokens: jax.Array, live: jax.Array):
+    """`seen` and `counts` [B, V] after each live row (live [B] bool) output tokens [B]."""
+    rows = jnp.arange(tokens.shape[0])
+    ids = jnp.where(live, tokens, seen.shape[1])  # out of range: dropped
+    return seen.at[rows, ids].set(True, mode="drop"), counts.at[rows, ids].add(1, mode="drop")
+
+
+def apply_penalties(logits: jax.Array, seen: jax.Array, counts: jax.Array, s: dict) -> jax.Array:
+    """Repetition penalty (HF's) over `seen` tokens, then frequency and presence penalties (OpenAI's) over the
+    output `counts`, each row with its own values [B]; logits [B, V] -> f32 [B, V]."""
+    col = lambda name: jnp.asarray(s[name]).reshape(-1, 1)  # noqa: E731  [B, 1]
+    x = logits.astype(jnp.float32)
+    # [B, V], not a broadcast: XLA turns `x / broadcast(rp)` into `x * (1 / rp)`, a rounding away from HF's
+    rp = jnp.where(seen, col("repetition_penalty"), 1.0)
+    x = jnp.where(x < 0, x * rp, x / rp)
+    return x - col("frequency_penalty") * counts - col("presence_penalty") * (counts > 0)
 
 
 def filter_logits(logits: jax.Array, s: dict) -> jax.Array:

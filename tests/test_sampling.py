@@ -7,12 +7,25 @@ import pytest
 import torch
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
-from qwen3_jax.sampling import SamplingParams, batch_arrays, filter_logits, request_keys, sample, token_logprobs
+from qwen3_jax.sampling import (
+    SamplingParams,
+    apply_penalties,
+    batch_arrays,
+    filter_logits,
+    history_arrays,
+    record_tokens,
+    request_keys,
+    sample,
+    token_counts,
+    token_logprobs,
+    unsupported_generation_fields,
+)
 
 
 def hf_filter(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
@@ -91,6 +104,15 @@ def test_top_k_one_is_greedy():
     ({"prompt_logprobs": -1}, "prompt_logprobs"),
     ({"ignore_eos": "yes"}, "ignore_eos"),
     ({"temperature": float("nan")}, "temperature"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"repetition_penalty": -1.2}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"repetition_penalty": "1.1"}, "repetition_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"presence_penalty": -2.01}, "presence_penalty"),
+    ({"presence_penalty": float("nan")}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"frequency_penalty": True}, "frequency_penalty"),
 ])
 def test_invalid_sampling_values_are_named(kwargs, match):
     with pytest.raises(ValueError, match=f"invalid sampling value {match}"):
@@ -127,3 +149,80 @@ def test_token_logprobs_are_log_softmax():
     np.testing.assert_allclose(np.asarray(chosen), ref[[0, 1], [3, 17]], rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(ids), np.argsort(-ref, -1)[:, :5])
     np.testing.assert_allclose(np.asarray(values), np.sort(ref, -1)[:, ::-1][:, :5], rtol=1e-5)
+
+
+# ---- penalties ----------------------------------------------------------------------------------------------
+def _penalized(logits, histories, prompt_lens, params):
+    rows = len(histories)
+    s = {k: jnp.asarray(v) for k, v in batch_arrays(params, rows, penalties=True).items()}
+    h = history_arrays(histories, prompt_lens, rows, 64)
+    seen, counts = token_counts(jnp.asarray(h["history"]), jnp.asarray(h["prompt_lens"]), logits.shape[1])
+    return np.asarray(jax.jit(apply_penalties)(jnp.asarray(logits), seen, counts, s))  # jitted, as in the steps
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7, 2.0])
+def test_repetition_penalty_matches_hf_processor(penalty):
+    rng = np.random.default_rng(int(penalty * 10))
+    logits = (rng.standard_normal((3, 200)) * 3).astype(np.float32)
+    logits[:, 7] = 0.0  # a zero logit, divided or multiplied alike
+    ids = rng.integers(0, 200, (3, 30))
+    ids[:, :3] = [7, 7, 199]  # repeats, the last id
+    ref = RepetitionPenaltyLogitsProcessor(penalty)(torch.from_numpy(ids), torch.from_numpy(logits.copy())).numpy()
+    params = [SamplingParams(repetition_penalty=penalty)] * 3
+    for prompt_len in (30, 10, 0):  # prompt or output alike
+        ours = _penalized(logits, ids.tolist(), [prompt_len] * 3, params)
+        np.testing.assert_array_equal(ours, ref)
+
+
+def test_presence_and_frequency_penalties_match_the_openai_formula_over_the_output_only():
+    rng = np.random.default_rng(3)
+    vocab = 50
+    logits = (rng.standard_normal((3, vocab)) * 2).astype(np.float32)
+    params = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.3),
+              SamplingParams(presence_penalty=-1.0, frequency_penalty=2.0, repetition_penalty=1.5),
+              SamplingParams()]  # a row without penalties is left as it is
+    histories = [rng.integers(0, vocab, n).tolist() for n in (20, 33, 12)]
+    prompt_lens = [8, 5, 12]
+    ours = _penalized(logits, histories, prompt_lens, params)
+    for row, (p, h, n) in enumerate(zip(params, histories, prompt_lens)):
+        x = logits[row].astype(np.float64)
+        seen = np.isin(np.arange(vocab), h)
+        x = np.where(seen, np.where(x < 0, x * p.repetition_penalty, x / p.repetition_penalty), x)
+        counts = np.bincount(h[n:], minlength=vocab)
+        x = x - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
+        np.testing.assert_allclose(ours[row], x, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(ours[2], logits[2])
+
+
+def test_recorded_tokens_count_like_a_history_that_holds_them():
+    rng = np.random.default_rng(4)
+    vocab, histories, prompt_lens = 40, [rng.integers(0, 40, 9).tolist(), [3, 3]], [4, 2]
+    h = history_arrays(histories, prompt_lens, 3, 16)
+    seen, counts = token_counts(jnp.asarray(h["history"]), jnp.asarray(h["prompt_lens"]), vocab)
+    new, live = jnp.asarray([5, 3, 9]), jnp.asarray([True, True, False])  # row 2 (padding) is not live
+    seen, counts = record_tokens(seen, counts, new, live)
+    h2 = history_arrays([histories[0] + [5], [3, 3, 3]], prompt_lens, 3, 16)
+    seen2, counts2 = token_counts(jnp.asarray(h2["history"]), jnp.asarray(h2["prompt_lens"]), vocab)
+    np.testing.assert_array_equal(np.asarray(seen), np.asarray(seen2))
+    np.testing.assert_array_equal(np.asarray(counts), np.asarray(counts2))
+    assert int(counts[1, 3]) == 1 and not np.asarray(seen[2]).any()
+
+
+def test_generation_config_repetition_penalty_and_unsupported_fields(caplog):
+    gen = {"do_sample": False, "repetition_penalty": 1.05, "typical_p": 0.5, "length_penalty": 2.0}
+    with caplog.at_level("WARNING", logger="qwen3_jax"):
+        p = SamplingParams.from_generation_config(gen)
+    assert p.greedy and p.repetition_penalty == 1.05 and p.penalized
+    assert not caplog.records  # typical_p without do_sample and length_penalty without beams are HF no-ops
+    assert SamplingParams.from_generation_config(gen, repetition_penalty=1.0).repetition_penalty == 1.0
+    gen = {"do_sample": True, "typical_p": 0.9, "no_repeat_ngram_size": 3, "num_beams": 4, "length_penalty": 0.5,
+           "epsilon_cutoff": 3e-4, "temperature": 0.7}
+    assert {f for f, _ in unsupported_generation_fields(gen)} == {
+        "typical_p", "no_repeat_ngram_size", "num_beams", "length_penalty", "epsilon_cutoff"}
+    with caplog.at_level("WARNING", logger="qwen3_jax"):
+        SamplingParams.from_generation_config(gen)
+        SamplingParams.from_generation_config(gen)  # reported once
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 5 and any("no_repeat_ngram_size=3 is ignored" in m for m in messages)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams.from_generation_config({"repetition_penalty": 0})
