@@ -23,7 +23,7 @@ import numpy as np
 from .block_manager import BlockManager
 from .kv_cache import AttentionMetadata, CacheOverflowError, KVCache, blocks_for_memory, check_block_size
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampling import SamplingParams, batch_arrays
+from .sampling import SamplingParams, batch_arrays, history_arrays
 from .scheduler import DecodeBatch, PrefillBatch, Scheduler, Sequence, Status
 from .steps import StepCompiler, StepOptions, decode_arg_shapes, prefill_arg_shapes
 from .tokenizer import StreamDecoder
@@ -321,7 +321,7 @@ class LLMEngine:
             start += chunk
         meta = AttentionMetadata.for_prefill(tables, seq_lens, batch.chunks, block_size=self.options.block_size,
                                              num_tokens=num_tokens, num_seqs=rows, max_blocks=self.max_blocks_per_seq)
-        samp, seeds, counts = self._sampling_rows(batch.seqs, rows)
+        samp, seeds, counts = self._sampling_rows(batch.seqs, rows, opts)
         tokens, positions, last, targets_d = jax.device_put((tokens, positions, last, targets))
         args = (self.model.params, self.cache, tokens, positions, meta, last, targets_d, samp, seeds, counts)
         out, self.cache = self.steps.get("prefill", opts, args)(*args)
@@ -364,7 +364,7 @@ class LLMEngine:
             tokens = jax.device_put(feed)
             stops = np.zeros(rows, np.int32)
             stops[:n] = [s.max_len - 1 for s in batch.seqs]
-            samp, seeds, _ = self._sampling_rows(batch.seqs, rows)
+            samp, seeds, _ = self._sampling_rows(batch.seqs, rows, opts)
         else:
             stops, opts, samp, seeds = prev.stops, prev.opts, prev.samp, prev.seeds
             rows = len(positions)
@@ -374,6 +374,8 @@ class LLMEngine:
         host = jax.device_put((positions, stops, tables, counts))  # one transfer call for the per-call arrays
         args = (self.model.params, self.cache, tokens, *host[:3], samp, seeds, host[3])
         outputs, self.cache = self.steps.get("decode", opts, args)(*args)
+        if opts.penalties:  # the history with this call's tokens: the next call's, kept on the device
+            samp = {**samp, "history": outputs.pop("history")}
         return _InFlight(batch, outputs, positions, counts, stops, samp, seeds, opts)
 
     def _continue_decode(self, done: _InFlight) -> _InFlight | None:
@@ -473,11 +475,15 @@ class LLMEngine:
         return StepOptions(greedy=all(s.params.greedy for s in seqs),
                            logprobs=any(s.logprobs is not None for s in seqs),
                            prompt_logprobs=prompt and any(s.prompt_logprobs is not None and not s.output_token_ids
-                                                          for s in seqs))
+                                                          for s in seqs),
+                           penalties=any(s.params.penalized for s in seqs))
 
-    @staticmethod
-    def _sampling_rows(seqs, rows: int):
-        samp = jax.device_put(batch_arrays([s.params for s in seqs], rows))
+    def _sampling_rows(self, seqs, rows: int, opts: StepOptions):
+        samp = batch_arrays([s.params for s in seqs], rows, penalties=opts.penalties)
+        if opts.penalties:
+            samp |= history_arrays([s.token_ids for s in seqs], [len(s.prompt_token_ids) for s in seqs], rows,
+                                   self.options.max_model_len)
+        samp = jax.device_put(samp)
         seeds = np.zeros(rows, np.uint32)
         seeds[:len(seqs)] = [s.seed for s in seqs]
         counts = np.zeros(rows, np.int32)
@@ -505,12 +511,14 @@ class LLMEngine:
                 "preemptions": self.scheduler.num_preemptions}
 
     # ---- start-up --------------------------------------------------------------------------------------
-    def _prefill_shapes(self, num_tokens: int) -> tuple:
+    def _prefill_shapes(self, num_tokens: int, opts: StepOptions = StepOptions()) -> tuple:
+        history = self.options.max_model_len if opts.penalties else None
         return prefill_arg_shapes(self.model.params, self.cache, num_tokens, self.max_prefill_seqs,
-                                  self.max_blocks_per_seq)
+                                  self.max_blocks_per_seq, history)
 
-    def _decode_shapes(self, rows: int) -> tuple:
-        return decode_arg_shapes(self.model.params, self.cache, rows, self.max_blocks_per_seq)
+    def _decode_shapes(self, rows: int, opts: StepOptions = StepOptions()) -> tuple:
+        history = self.options.max_model_len if opts.penalties else None
+        return decode_arg_shapes(self.model.params, self.cache, rows, self.max_blocks_per_seq, history)
 
     def compile_all(self) -> float:
         """Compile the prefill and decode steps of every bucket (greedy and sampled) now; returns seconds."""
@@ -526,12 +534,14 @@ class LLMEngine:
         `prompt_tokens` prompt tokens in all will start with; returns seconds. Without precompile this keeps the
         first compilations out of a streaming run."""
         opts = StepOptions(greedy=all(p.greedy for p in params), logprobs=any(p.logprobs is not None for p in params),
-                           prompt_logprobs=any(p.prompt_logprobs is not None for p in params))
+                           prompt_logprobs=any(p.prompt_logprobs is not None for p in params),
+                           penalties=any(p.penalized for p in params))
         tokens = self._bucket("prefill", min(prompt_tokens, self.options.max_num_batched_tokens), opts)
         decode_opts = dataclasses.replace(opts, prompt_logprobs=False)
         rows = self._bucket("decode", min(num_seqs, self.options.max_num_seqs), decode_opts)
-        return self.steps.compile_all([("prefill", opts, self._prefill_shapes(tokens)),
-                                       ("decode", decode_opts, self._decode_shapes(rows))], progress=False)
+        return self.steps.compile_all([("prefill", opts, self._prefill_shapes(tokens, opts)),
+                                       ("decode", decode_opts, self._decode_shapes(rows, decode_opts))],
+                                      progress=False)
 
 
 def _progress_bar(total: int):

@@ -4,7 +4,9 @@ donated, and compiled once per shape bucket (`StepCompiler`).
 A prefill step runs a flat batch of prompt chunks and samples one token for each sequence (used where the chunk
 completes the prompt). A decode step runs `num_steps` tokens for every row in one device loop (no host round trip
 between tokens), each row stopping at its own `stops` position. Both can also return the log-probabilities of the
-chosen tokens and the top `MAX_LOGPROBS`, and a prefill step those of the prompt's tokens.
+chosen tokens and the top `MAX_LOGPROBS`, and a prefill step those of the prompt's tokens. The penalty variant
+takes each row's token history (`samp["history"]`) and counts its tokens on the device; a decode step adds each
+token it samples, so step i sees the tokens of steps < i, and returns the history for a following call.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .config import Qwen3Config
 from .kv_cache import AttentionMetadata, KVCache
 from .model import forward
 from .ops import Kernels
-from .sampling import MAX_LOGPROBS, batch_arrays, request_keys, sample, token_logprobs
+from .sampling import (MAX_LOGPROBS, apply_penalties, batch_arrays, history_arrays, record_tokens, request_keys,
+                       sample, token_counts, token_logprobs)
 
 log = logging.getLogger("qwen3_jax")
 # XLA may otherwise skip a bf16 rounding between fused ops ("excess precision"); torch rounds after every op, and
@@ -38,10 +41,14 @@ class StepOptions:
     greedy: bool = True  # every row greedy: argmax only, no sort over the vocabulary
     logprobs: bool = False  # log-probabilities of the sampled tokens (and the top MAX_LOGPROBS)
     prompt_logprobs: bool = False  # prefill: log-probabilities of every prompt token (logits for all tokens)
+    penalties: bool = False  # repetition / presence / frequency penalties over each row's token history
 
 
-def _sample_rows(logits, samp, seeds, counts, opts: StepOptions) -> dict:
-    tokens = sample(logits, None if opts.greedy else request_keys(seeds, counts), None if opts.greedy else samp)
+def _sample_rows(logits, samp, seeds, counts, opts: StepOptions, seen=None, occurrences=None) -> dict:
+    """Tokens (and log-probabilities) for logits [B, V]; with penalties, `seen` / `occurrences` [B, V] are the
+    rows' tokens so far (`token_counts`). Log-probabilities are of the raw logits."""
+    scores = apply_penalties(logits, seen, occurrences, samp) if opts.penalties else logits
+    tokens = sample(scores, None if opts.greedy else request_keys(seeds, counts), None if opts.greedy else samp)
     out = {"tokens": tokens}
     if opts.logprobs:
         out["logprob"], out["top_ids"], out["top_logprobs"] = token_logprobs(logits, tokens, MAX_LOGPROBS)
@@ -53,65 +60,82 @@ def prefill_step(params, cache: KVCache, tokens, positions, meta: AttentionMetad
     """Prompt chunks, tokens [N] at positions [N] as `meta` lays them out -> (outputs, cache). outputs["tokens"]
     [S] is sampled from the logits at each sequence's last token (`logits_indices` [S]); with prompt logprobs,
     outputs["prompt_*"] [N] score `targets` [N] (each token's successor) at every token."""
+    pen = token_counts(samp["history"], samp["prompt_lens"], config.vocab_size) if opts.penalties else ()
     if opts.prompt_logprobs:
         logits, cache = forward(params, tokens, positions, cache, meta, config=config, kernels=kernels)  # [N, V]
-        out = _sample_rows(logits[logits_indices], samp, seeds, counts, opts)
+        out = _sample_rows(logits[logits_indices], samp, seeds, counts, opts, *pen)
         chosen, ids, values = token_logprobs(logits, targets, MAX_LOGPROBS)
         out.update(prompt_logprob=chosen, prompt_top_ids=ids, prompt_top_logprobs=values)
         return out, cache
     logits, cache = forward(params, tokens, positions, cache, meta, config=config, kernels=kernels,
                             logits_indices=logits_indices)  # [S, V]
-    return _sample_rows(logits, samp, seeds, counts, opts), cache
+    return _sample_rows(logits, samp, seeds, counts, opts, *pen), cache
 
 
 def decode_step(params, cache: KVCache, tokens, positions, stops, block_tables, samp, seeds, counts, *,
                 config: Qwen3Config, kernels: Kernels, opts: StepOptions, num_steps: int):
     """`num_steps` decode steps for rows fed tokens [B] at positions [B] -> (outputs [B, num_steps] per key,
     cache). Row b computes positions up to stops[b] - 1 (stops 0: a padding row); later steps of a row that has
-    stopped write nothing and their tokens are junk the host drops. Step i draws token counts[b] + i."""
+    stopped write nothing and their tokens are junk the host drops. Step i draws token counts[b] + i. With
+    penalties, outputs["history"] is samp["history"] with the sampled tokens written at their positions."""
     batch = tokens.shape[0]
     meta = AttentionMetadata(block_tables, jnp.zeros((batch,), jnp.int32), jnp.arange(batch + 1, dtype=jnp.int32),
                              jnp.full((batch,), -1, jnp.int32), decode=True)
-    shapes = jax.eval_shape(lambda lg: _sample_rows(lg, samp, seeds, counts, opts),
+    pen = token_counts(samp["history"], samp["prompt_lens"], config.vocab_size) if opts.penalties else ()
+    history = samp["history"] if opts.penalties else None
+    shapes = jax.eval_shape(lambda lg: _sample_rows(lg, samp, seeds, counts, opts, *pen),
                             jax.ShapeDtypeStruct((batch, config.vocab_size), jnp.float32))
     outs = {k: jnp.zeros((batch, num_steps) + v.shape[1:], v.dtype) for k, v in shapes.items()}
 
     def body(i, carry):
-        tok, cache, outs = carry
+        tok, cache, outs, pen, history = carry
         pos = jnp.where(positions + i < stops, positions + i, -1)  # -1: this row computes nothing
         logits, cache = forward(params, tok, pos, cache, meta, config=config, kernels=kernels)  # [B, V]
-        new = _sample_rows(logits, samp, seeds, counts + i, opts)
+        new = _sample_rows(logits, samp, seeds, counts + i, opts, *pen)
         outs = {k: outs[k].at[:, i].set(new[k]) for k in outs}
-        return new["tokens"], cache, outs
+        if opts.penalties:  # the sampled token (at position pos + 1) counts from the next step on
+            live = pos >= 0
+            pen = record_tokens(*pen, new["tokens"], live)
+            at = jnp.where(live, pos + 1, history.shape[1])  # out of range: dropped
+            history = history.at[jnp.arange(batch), at].set(new["tokens"], mode="drop")
+        return new["tokens"], cache, outs, pen, history
 
-    last, cache, outs = jax.lax.fori_loop(0, num_steps, body, (tokens, cache, outs))
-    return {**outs, "last": last}, cache  # "last": the tokens a following call feeds (read on the device only)
+    last, cache, outs, _, history = jax.lax.fori_loop(0, num_steps, body, (tokens, cache, outs, pen, history))
+    outs["last"] = last  # the tokens a following call feeds (read on the device only)
+    if opts.penalties:
+        outs["history"] = history  # the history a following call takes (read on the device only)
+    return outs, cache
 
 
 def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
 
-def _sampling_shapes(rows: int) -> tuple:
-    samp = {k: _spec(v.shape, v.dtype) for k, v in batch_arrays([], rows).items()}
+def _sampling_shapes(rows: int, history: int | None) -> tuple:
+    samp = batch_arrays([], rows, penalties=history is not None)
+    if history is not None:
+        samp |= history_arrays([], [], rows, history)
+    samp = {k: _spec(v.shape, v.dtype) for k, v in samp.items()}
     return samp, _spec((rows,), np.uint32), _spec((rows,), np.int32)
 
 
-def prefill_arg_shapes(params, cache: KVCache, num_tokens: int, rows: int, max_blocks: int) -> tuple:
+def prefill_arg_shapes(params, cache: KVCache, num_tokens: int, rows: int, max_blocks: int,
+                       history: int | None = None) -> tuple:
     """`prefill_step`'s arguments for a bucket of `num_tokens` tokens from at most `rows` sequences (abstract,
-    for compiling ahead)."""
+    for compiling ahead); `history`: the token history's width, for the penalty variant."""
     i32 = np.int32
     meta = AttentionMetadata(_spec((rows, max_blocks), i32), _spec((rows,), i32), _spec((rows + 1,), i32),
                              _spec((num_tokens,), i32), decode=False)
     return (params, cache, _spec((num_tokens,), i32), _spec((num_tokens,), i32), meta, _spec((rows,), i32),
-            _spec((num_tokens,), i32), *_sampling_shapes(rows))
+            _spec((num_tokens,), i32), *_sampling_shapes(rows, history))
 
 
-def decode_arg_shapes(params, cache: KVCache, rows: int, max_blocks: int) -> tuple:
-    """`decode_step`'s arguments for a bucket of `rows` rows (abstract, for compiling ahead)."""
+def decode_arg_shapes(params, cache: KVCache, rows: int, max_blocks: int, history: int | None = None) -> tuple:
+    """`decode_step`'s arguments for a bucket of `rows` rows (abstract, for compiling ahead); `history`: the token
+    history's width, for the penalty variant."""
     i32 = np.int32
     return (params, cache, _spec((rows,), i32), _spec((rows,), i32), _spec((rows,), i32),
-            _spec((rows, max_blocks), i32), *_sampling_shapes(rows))
+            _spec((rows, max_blocks), i32), *_sampling_shapes(rows, history))
 
 
 class StepCompiler:
@@ -182,7 +206,8 @@ def _bucket(kind: str, args) -> str:
 
 
 def _describe(opts: StepOptions) -> str:
-    parts = ["greedy" if opts.greedy else "sampled"] + [n for n in ("logprobs", "prompt_logprobs") if getattr(opts, n)]
+    names = ("logprobs", "prompt_logprobs", "penalties")
+    parts = ["greedy" if opts.greedy else "sampled"] + [n for n in names if getattr(opts, n)]
     return "(" + ", ".join(parts) + ")"
 
 

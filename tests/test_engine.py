@@ -403,3 +403,56 @@ def test_precompiled_steps_donate_the_cache_and_compile_nothing_later():
     assert engine.steps.compile_seconds == compiled
     assert [len(o.token_ids) for o in outs] == [5, 3]
     assert_idle(engine)
+
+
+# ---- 7. penalties ---------------------------------------------------------------------------------------------
+def hf_greedy_penalized(hf, prompt, max_new_tokens, repetition_penalty):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
+                          min_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+    return out[0, len(prompt):].tolist()
+
+
+def test_repetition_penalty_greedy_equals_hf_generate(engine, hf):
+    prompts = random_prompts([9, 23], seed=11) + [[5, 6, 5, 6, 5, 6, 5]]
+    penalties = [1.5, 0.7, 1.3]
+    n = 3 * ENGINE["decode_steps"] + 2  # a prefill and four decode calls
+    outs = engine.generate(prompts, [greedy(n, ignore_eos=True, repetition_penalty=p) for p in penalties])
+    plain = engine.generate(prompts, [greedy(n, ignore_eos=True)] * 3)
+    for prompt, p, out, base in zip(prompts, penalties, outs, plain):
+        assert out.token_ids == hf_greedy_penalized(hf, prompt, n, p)
+    assert any(o.token_ids != b.token_ids for o, b in zip(outs, plain))  # the penalty changed the tokens
+
+
+def reference_penalized_greedy(hf, prompt, n, p: q.SamplingParams):
+    """Greedy tokens with p's penalties applied to HF's logits on the host, one token at a time."""
+    out = []
+    for _ in range(n):
+        x = hf_logits(hf, prompt + out)[-1]
+        seen = np.isin(np.arange(x.size), prompt + out)
+        rp = np.float32(p.repetition_penalty)
+        x = np.where(seen, np.where(x < 0, x * rp, x / rp), x)
+        counts = np.bincount(out, minlength=x.size).astype(np.float32)
+        x = x - np.float32(p.frequency_penalty) * counts - np.float32(p.presence_penalty) * (counts > 0)
+        out.append(int(np.argmax(x)))
+    return out
+
+
+def test_presence_frequency_penalties_and_a_mixed_batch_equal_their_references(engine, hf):
+    x, y, z = random_prompts([12, 20, 6], seed=12)
+    n = 2 * ENGINE["decode_steps"] + 3
+    # The random model's logits are ~0.4 and its greedy tokens seldom repeat: a negative presence penalty makes a
+    # token repeat until its frequency penalty outweighs it, so each step depends on the counts of the steps before.
+    pf = greedy(n, ignore_eos=True, presence_penalty=-2.0, frequency_penalty=0.5)
+    both = greedy(n, ignore_eos=True, presence_penalty=-1.0, frequency_penalty=0.4, repetition_penalty=1.2)
+    sampled = q.SamplingParams(temperature=1.2, top_k=50, seed=3, max_tokens=n, ignore_eos=True,
+                               frequency_penalty=1.0)
+    plain = greedy(n, ignore_eos=True)
+    ref_pf, ref_both = reference_penalized_greedy(hf, x, n, pf), reference_penalized_greedy(hf, y, n, both)
+    assert alone(engine, x, pf).token_ids == ref_pf
+    assert ref_pf != alone(engine, x, plain).token_ids  # the penalties changed the tokens
+    solo = [alone(engine, p, s).token_ids for p, s in ((z, plain), (y, both), (z, sampled))]
+    assert solo[1] == ref_both
+    outs = engine.generate([z, x, y, z], [plain, pf, both, sampled])  # with and without penalties, in one batch
+    assert [o.token_ids for o in outs] == [solo[0], ref_pf, solo[1], solo[2]]
