@@ -95,9 +95,9 @@ class _Sampling(_Strict):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
+    presence_penalty: float = 0.0  # OpenAI's, in [-2, 2] (SamplingParams checks the ranges)
     frequency_penalty: float = 0.0
-    repetition_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM's extension (HF's semantics); None: generation_config.json's
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
@@ -129,8 +129,6 @@ class CompletionRequest(_Sampling):
 def check_unsupported(req: _Sampling) -> list[tuple[str, str]]:
     """(field, why) for each OpenAI field set to something this server does not do."""
     bad = []
-    if req.repetition_penalty not in (None, 1.0):
-        bad.append(("repetition_penalty", "repetition_penalty is not supported (only 1.0)"))
     if req.logit_bias:
         bad.append(("logit_bias", "logit_bias is not supported"))
     if isinstance(req, ChatCompletionRequest):

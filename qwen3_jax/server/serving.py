@@ -16,8 +16,6 @@ from .errors import APIError, bad_request
 from .metrics import ServerMetrics
 from .protocol import _Sampling, check_unsupported
 
-_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
-
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
@@ -94,7 +92,9 @@ class Serving:
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
             raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
         values = dict(max_tokens=max_tokens, logprobs=logprobs, ignore_eos=req.ignore_eos,
-                      temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed)
+                      temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
+                      presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                      repetition_penalty=req.repetition_penalty)
         if req.stop_token_ids:
             values["stop_token_ids"] = tuple(req.stop_token_ids)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -103,12 +103,6 @@ class Serving:
         if stop:
             values["stop"] = tuple(stop)
             values["include_stop_str_in_output"] = req.include_stop_str_in_output
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(req, name)
-            if name in _SAMPLING_FIELDS:
-                values[name] = value
-            elif value != 0:
-                raise bad_request(f"{name} is not supported yet (only 0)", param=name)
         try:
             return self.model.default_sampling(**values)
         except (ValueError, TypeError) as e:
