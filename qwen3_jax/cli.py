@@ -115,6 +115,15 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
                    help="drop tokens below min_p x the top probability (0: off)")
     g.add_argument("--seed", type=_in_range(_int, 0, 2**32 - 1, what="must be an integer in [0, 2**32)"), default=0,
                    help="random seed for sampling, in [0, 2**32)")
+    g.add_argument("--repetition-penalty", type=_in_range(_finite_float, 0, None, low_open=True,
+                                                           what="must be a number > 0"),
+                   help="HF's repetition penalty over the prompt and output tokens, > 0 (1: off; > 1 discourages "
+                        "repeats)")
+    g.add_argument("--presence-penalty", type=_in_range(_finite_float, -2, 2, what="must be in [-2, 2]"),
+                   help="OpenAI's presence penalty, in [-2, 2]: subtracted once from each token already in the "
+                        "output (0: off)")
+    g.add_argument("--frequency-penalty", type=_in_range(_finite_float, -2, 2, what="must be in [-2, 2]"),
+                   help="OpenAI's frequency penalty, in [-2, 2]: subtracted per occurrence in the output (0: off)")
 
 
 def _thinking_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -292,7 +301,8 @@ def _sampling(args, model=None):
     from .sampling import SamplingParams
 
     overrides = dict(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     min_p=args.min_p, seed=args.seed)
+                     min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+                     presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
     if model is None:
         try:
             SamplingParams(**{k: v for k, v in overrides.items() if v is not None})
@@ -303,9 +313,11 @@ def _sampling(args, model=None):
 
 
 def describe_sampling(s) -> str:
-    if s.greedy:
-        return "greedy"
-    return f"temperature={s.temperature} top_k={s.top_k} top_p={s.top_p} min_p={s.min_p} seed={s.seed}"
+    text = ("greedy" if s.greedy else
+            f"temperature={s.temperature} top_k={s.top_k} top_p={s.top_p} min_p={s.min_p} seed={s.seed}")
+    penalties = [f"{n}={getattr(s, n)}" for n, off in (("repetition_penalty", 1), ("presence_penalty", 0),
+                                                       ("frequency_penalty", 0)) if getattr(s, n) != off]
+    return " ".join([text] + penalties)
 
 
 def _check_prompts(args, model_dir: Path, prompts: list[str]) -> None:
