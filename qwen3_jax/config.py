@@ -229,6 +229,10 @@ class Qwen3Config:
 
         heads = raw["num_attention_heads"]
         kv_heads = raw.get("num_key_value_heads") or heads
+        if not raw.get("head_dim"):
+            if not (_is_int(raw["hidden_size"]) and _is_int(heads) and heads > 0 and raw["hidden_size"] % heads == 0):
+                raise ConfigError(f"{source}: hidden_size ({raw['hidden_size']!r}) is not a multiple of "
+                                  f"num_attention_heads ({heads!r}) and there is no head_dim; set head_dim")
         head_dim = raw.get("head_dim") or (raw["hidden_size"] // heads)
 
         rope = _read_rope(raw, source)
@@ -239,7 +243,10 @@ class Qwen3Config:
             raise ConfigError(f"{source}: unsupported dtype '{dtype}'; choose one of {sorted(DTYPES)}")
 
         eos = raw.get("eos_token_id")
-        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        if not all(_is_int(t) and t >= 0 for t in eos):
+            raise ConfigError(f"{source}: eos_token_id must be a token id or a list of token ids, got "
+                              f"{raw.get('eos_token_id')!r}")
         try:
             return cls(
                 vocab_size=raw["vocab_size"],
@@ -299,6 +306,8 @@ def _read_rope(raw: dict, source: str) -> dict:
             f"{source}: rope scaling type '{rope_type}' is not supported "
             f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise ConfigError(f"{source}: rope_theta must be a positive number, got {theta!r}")
     fields = {"rope_theta": float(theta), "rope_type": rope_type}
     if rope_type != "default" and merged.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConfigError(f"{source}: rope partial_rotary_factor {merged['partial_rotary_factor']!r} is not "
@@ -340,3 +349,7 @@ def _read_yarn(raw: dict, rope: dict, source: str) -> dict:
     if "truncate" in rope and rope["truncate"] in (None, 0, 1):  # transformers tests its truthiness
         fields["rope_truncate"] = bool(rope["truncate"])
     return fields
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

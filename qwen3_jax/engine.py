@@ -57,9 +57,20 @@ class EngineOptions:
             if getattr(self, name) is not None:
                 positive_int(name)
         check_block_size(self.block_size)
-        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
+        mem = self.gpu_memory_utilization
+        if isinstance(mem, bool) or not isinstance(mem, (int, float)) or not 0 < mem <= 1:
             raise ValueError(f"engine option gpu_memory_utilization must be in (0, 1], got "
                              f"{self.gpu_memory_utilization!r}")
+
+
+def engine_options(base: EngineOptions | None = None, **changes) -> EngineOptions:
+    """`base` (default: the defaults) with `changes`; an unknown option name is an error that lists the known ones."""
+    names = [f.name for f in dataclasses.fields(EngineOptions)]
+    unknown = [k for k in changes if k not in names]
+    if unknown:
+        raise TypeError(f"unknown engine option(s) {', '.join(map(repr, unknown))}; EngineOptions has: "
+                        f"{', '.join(names)}")
+    return dataclasses.replace(base or EngineOptions(), **changes)
 
 
 def _buckets(limit: int, smallest: int, dense_from: int) -> list[int]:
@@ -103,7 +114,7 @@ class LLMEngine:
     """Continuous batching for one loaded model (`Qwen3`). See the module docstring."""
 
     def __init__(self, model, options: EngineOptions | None = None, **kwargs):
-        options = dataclasses.replace(options or EngineOptions(), **kwargs)
+        options = engine_options(options, **kwargs)
         self.model, self.config = model, model.config
         limit = self.config.max_context_len
         max_model_len = options.max_model_len or limit

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .engine import EngineOptions, LLMEngine
+from .engine import LLMEngine, engine_options
 from .generate import Qwen3, load
 from .outputs import RequestOutput
 from .sampling import SamplingParams
@@ -20,10 +20,10 @@ from .sampling import SamplingParams
 class LLM:
     """A loaded model and its engine. `model` is a checkpoint directory or an already loaded `Qwen3`;
     `quantize` ('int8', 'int4') and `modules_to_not_convert` as in `load`;
-    `engine_options` are `EngineOptions` fields (max_num_seqs, max_model_len, num_blocks, ...)."""
+    `options` are `EngineOptions` fields (max_num_seqs, max_model_len, num_blocks, ...)."""
 
     def __init__(self, model, *, dtype: str | None = None, kernels="auto", quantize: str | None = None,
-                 modules_to_not_convert: tuple[str, ...] = (), **engine_options):
+                 modules_to_not_convert: tuple[str, ...] = (), **options):
         if isinstance(model, Qwen3):
             if dtype is not None or quantize is not None:
                 raise ValueError("dtype and quantize apply when loading a checkpoint; this model is already loaded")
@@ -31,7 +31,7 @@ class LLM:
         else:
             self.model = load(model, dtype=dtype, kernels=kernels, quantize=quantize,
                               modules_to_not_convert=modules_to_not_convert)
-        self.engine = LLMEngine(self.model, EngineOptions(**engine_options))
+        self.engine = LLMEngine(self.model, engine_options(**options))
 
     def get_tokenizer(self):
         return self.model.tokenizer

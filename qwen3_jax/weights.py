@@ -256,6 +256,10 @@ def load_params(model_dir: str | Path, config: Qwen3Config, *, dtype=None, devic
                     value = _read_quantized(read, modules, quant, dtype, device)
                 else:
                     arrays = [read(k).astype(dtype, copy=False) for k in keys]
+                    for k, a in zip(keys, arrays):
+                        if not _all_finite(a):
+                            raise WeightsError(f"{key_file[k]}: tensor '{k}' holds NaN or Inf values (a corrupt or "
+                                               "badly converted checkpoint)")
                     value = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
                     value = jax.device_put(value, device)
                     if quantize is not None and _is_linear(keys[0]) and all(
@@ -270,6 +274,14 @@ def load_params(model_dir: str | Path, config: Qwen3Config, *, dtype=None, devic
     finally:
         handles.clear()
     return params
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN or Inf in a float array: its exponent bits are never all ones (integer ops, fast for bf16 too)."""
+    exponent = {2: 0x7F80 if a.dtype.name == "bfloat16" else 0x7C00, 4: 0x7F800000, 8: 0x7FF0000000000000}
+    mask = exponent[a.dtype.itemsize]
+    bits = a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+    return not np.any((bits & np.array(mask, bits.dtype)) == mask)
 
 
 def _read_quantized(read, modules, quant: CheckpointQuantization, dtype, device):

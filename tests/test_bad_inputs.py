@@ -94,6 +94,13 @@ def _pop(key):
     return lambda t: t.pop(key)
 
 
+def _full(*shape_and_value):
+    import torch
+
+    *shape, value = shape_and_value
+    return torch.full(shape, value, dtype=torch.bfloat16)
+
+
 def _zeros(*shape):
     import torch
 
@@ -134,6 +141,14 @@ CHECKPOINTS = [
      r"layer_types other than 'full_attention' are not supported"),
     ("config-context-zero", set_field("config.json", "max_position_embeddings", 0), q.ConfigError,
      r"'max_position_embeddings' must be a positive integer, got 0"),
+    ("config-eos-string", set_field("config.json", "eos_token_id", "x"), q.ConfigError,
+     r"eos_token_id must be a token id or a list of token ids, got 'x'"),
+    ("config-rope-theta-string", set_field("config.json", "rope_theta", "big"), q.ConfigError,
+     r"rope_theta must be a positive number, got 'big'"),
+    ("config-head-dim-undefined", lambda d: (set_field("config.json", "head_dim", None)(d),
+                                             set_field("config.json", "num_attention_heads", 3)(d),
+                                             set_field("config.json", "num_key_value_heads", 1)(d)),
+     q.ConfigError, r"hidden_size \(256\) is not a multiple of num_attention_heads \(3\) and there is no head_dim"),
     # weights
     ("weights-missing", remove("model.safetensors"), FileNotFoundError,
      r"ckpt: no model\.safetensors or model\.safetensors\.index\.json"),
@@ -141,6 +156,10 @@ CHECKPOINTS = [
     ("weights-truncated", write("model.safetensors", (DEMO / "model.safetensors").read_bytes()[:100_000]),
      q.WeightsError, r"model\.safetensors"),
     ("weights-tensor-missing", weights_edit(_pop("model.norm.weight")), q.WeightsError, r"model\.norm\.weight"),
+    ("weights-nan", weights_edit(_set("model.norm.weight", _full(256, float("nan")))), q.WeightsError,
+     r"model\.safetensors: tensor 'model\.norm\.weight' holds NaN or Inf values"),
+    ("weights-inf-in-fused", weights_edit(_set("model.layers.2.self_attn.k_proj.weight", _full(128, 256, float("inf")))),
+     q.WeightsError, r"tensor 'model\.layers\.2\.self_attn\.k_proj\.weight' holds NaN or Inf values"),
     ("weights-wrong-shape", weights_edit(_set("model.norm.weight", _zeros(255))), q.WeightsError,
      r"model\.norm\.weight"),
     ("weights-more-layers-in-config", set_field("config.json", "num_hidden_layers", 7), q.WeightsError,
@@ -502,6 +521,10 @@ API = [  # (id, call on the loaded demo model, error, pattern)
      r"invalid sampling value logprobs=100"),
     ("engine-decode-steps-zero", lambda m: q.EngineOptions(decode_steps=0), ValueError,
      r"engine option decode_steps must be a positive integer, got 0"),
+    ("engine-unknown-option", lambda m: q.LLM(m, max_num_seq=4), TypeError,
+     r"unknown engine option\(s\) 'max_num_seq'; EngineOptions has: max_model_len, max_num_seqs"),
+    ("engine-memory-bool", lambda m: q.EngineOptions(gpu_memory_utilization=True), ValueError,
+     r"gpu_memory_utilization must be in \(0, 1\], got True"),
     ("llm-prompts-none", lambda m: q.LLM(m, num_blocks=4, precompile=False).generate(None), TypeError,
      r"prompts must be a string, a list of token ids, or a list of such prompts; got None"),
     ("load-bad-kernels", lambda m: q.load(DEMO, kernels="triton"), ValueError,
