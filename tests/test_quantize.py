@@ -14,7 +14,7 @@ from conftest import INTERPRET
 from qwen3_jax import ops
 from qwen3_jax import quantize as qz
 from qwen3_jax.weights import random_params
-from test_demo_model import answers, score
+from test_demo_model import AT_LEAST, answers, score
 from test_weights import f32_logits_against_hf
 from tiny_checkpoint import build_checkpoint
 
@@ -120,11 +120,13 @@ def held_out_recall(model, n):
                for t, ex in zip(out.texts, exs))
 
 
-@pytest.mark.parametrize("mode, at_least", [("int8", 9), ("int4", 8)])
+BF16_HELD_OUT_RECALL_OF_32 = 31
+
+
+@pytest.mark.parametrize("mode, at_least", [("int8", AT_LEAST[False]), ("int4", AT_LEAST[False])])
 def test_demo_model_stays_coherent(mode, at_least):
     model = q.load(q.DEMO_MODEL_DIR, kernels="reference", quantize=mode)
     correct, finals = score(answers(model, False))
     assert correct >= at_least, finals
-    if mode == "int8":  # bf16 recalls 100% of the held-out questions (demo_model/README.md): within one point
-        n = 32
-        assert held_out_recall(model, n) >= 0.99 * n
+    if mode == "int8":  # as many of these 32 held-out questions as bf16 answers (31: measured, greedy, seed 0)
+        assert held_out_recall(model, 32) >= BF16_HELD_OUT_RECALL_OF_32
