@@ -439,7 +439,16 @@ class LLMEngine:
             self.blocks.cache_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.block_hashes)
 
     def _append(self, seq: Sequence, token: int, out: dict, index: tuple) -> None:
-        """A new token for `seq`; finishes it on a stop token, a stop string or at its length limit."""
+        """A new token for `seq`; finishes it on a stop token, a stop string or at its length limit, and with
+        finish_reason "error" (the token dropped) when the model's logits for it were not finite."""
+        if not out["finite"][index]:
+            log.error("request %r: the model produced NaN or Inf logits at position %d; the request is stopped "
+                      "(finish_reason 'error')", seq.request_id, seq.num_tokens - 1)
+            self.scheduler.finish(seq, "error")
+            decoder = self._decoders.get(seq.request_id)
+            if decoder is not None:
+                self._texts[seq.request_id] += decoder.flush()
+            return
         seq.output_token_ids.append(token)
         if seq.logprobs is not None:
             seq.logprobs.append(_logprob_entry(token, out["logprob"][index], out["top_ids"][index],

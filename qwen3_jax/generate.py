@@ -296,6 +296,11 @@ def generate(model: Qwen3, prompts: str | Sequence[str] | Sequence[Sequence[int]
     t0 = time.perf_counter()
     outs = engine.generate(ids, [sampling] * len(ids), on_output=on_output)
     t1 = time.perf_counter()
+    failed = [i for i, o in enumerate(outs) if o.finish_reason == "error"]
+    if failed:
+        raise FloatingPointError(f"the model produced NaN or Inf logits for prompt {failed[0]} after "
+                                 f"{len(outs[failed[0]].token_ids)} tokens (non-finite weights or activations; "
+                                 "try --dtype float32 or check the checkpoint)")
     stats.compile_s = t_compile + engine.steps.compile_seconds - compile0
     first_token, compiled_by_then = min(t for t in first if t is not None)
     stats.time_to_first_token_s = stats.prefill_s = first_token - t0 - (compiled_by_then - compile0)

@@ -13,7 +13,9 @@ class CompletionOutput:
     index: int
     text: str | None  # None when the model has no tokenizer
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (EOS, a stop token or string), "length" (max_tokens or max_model_len), "abort"
+    # "stop" (EOS, a stop token or string), "length" (max_tokens or max_model_len), "abort", or "error" (the model's
+    # logits were NaN or Inf: the request stopped before that token)
+    finish_reason: str | None
     logprobs: list[dict[int, float]] | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it (None for EOS / length)
 

@@ -49,7 +49,7 @@ def _sample_rows(logits, samp, seeds, counts, opts: StepOptions, seen=None, occu
     rows' tokens so far (`token_counts`). Log-probabilities are of the raw logits."""
     scores = apply_penalties(logits, seen, occurrences, samp) if opts.penalties else logits
     tokens = sample(scores, None if opts.greedy else request_keys(seeds, counts), None if opts.greedy else samp)
-    out = {"tokens": tokens}
+    out = {"tokens": tokens, "finite": jnp.isfinite(logits).all(axis=-1)}  # NaN / Inf logits: the host stops the row
     if opts.logprobs:
         out["logprob"], out["top_ids"], out["top_logprobs"] = token_logprobs(logits, tokens, MAX_LOGPROBS)
     return out

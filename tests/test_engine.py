@@ -456,3 +456,18 @@ def test_presence_frequency_penalties_and_a_mixed_batch_equal_their_references(e
     assert solo[1] == ref_both
     outs = engine.generate([z, x, y, z], [plain, pf, both, sampled])  # with and without penalties, in one batch
     assert [o.token_ids for o in outs] == [solo[0], ref_pf, solo[1], solo[2]]
+
+
+def test_nan_logits_stop_only_their_request_and_generate_says_so(model, engine):
+    poisoned_id = 7  # its embedding row is NaN: a prompt holding it gets NaN logits, the others are untouched
+    params = dict(model.params, embed_tokens=model.params["embed_tokens"].at[poisoned_id].set(jnp.nan))
+    bad_model = q.Qwen3(model.config, params, model.tokenizer, model.generation_config, model.kernels)
+    llm = q.LLM(bad_model, **ENGINE)
+    good, bad = [3, 1, 4, 1, 5], [3, 1, poisoned_id, 1, 5]
+    ref = alone(engine, good, greedy(6, ignore_eos=True)).token_ids
+    outs = llm.generate([good, bad], greedy(6, ignore_eos=True), use_tqdm=False)
+    assert outs[0].token_ids == ref and outs[0].finish_reason == "length"
+    assert outs[1].finish_reason == "error" and outs[1].token_ids == []
+    assert_idle(llm.engine)
+    with pytest.raises(FloatingPointError, match="NaN or Inf logits for prompt 1 after 0 tokens"):
+        q.generate(bad_model, [good, bad], max_new_tokens=4, sampling=greedy(4))
