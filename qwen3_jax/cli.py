@@ -107,7 +107,7 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
     g.add_argument("--temperature", type=_in_range(_finite_float, 0, None, what="must be a number >= 0"),
                    help="sampling temperature, >= 0 (0: greedy)")
-    g.add_argument("--top-k", type=_in_range(_int, 0, None, what="must be an integer >= 0"),
+    g.add_argument("--top-k", type=_in_range(_int, 0, 2**31 - 1, what="must be an integer in [0, 2**31)"),
                    help="keep the k most likely tokens (0: off)")
     g.add_argument("--top-p", type=_in_range(_finite_float, 0, 1, low_open=True, what="must be in (0, 1]"),
                    help="nucleus sampling mass in (0, 1] (1: off)")

@@ -65,8 +65,8 @@ class SamplingParams:
 
         if not is_num(self.temperature) or not self.temperature >= 0 or self.temperature == float("inf"):
             bad("temperature", "must be a finite number >= 0 (0 means greedy)")
-        if not is_int(self.top_k) or self.top_k < 0:
-            bad("top_k", "must be an integer >= 0 (0 disables top-k)")
+        if not is_int(self.top_k) or not 0 <= self.top_k < 2**31:
+            bad("top_k", "must be an integer in [0, 2**31) (0 disables top-k)")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1] (1 disables top-p)")
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:

@@ -158,7 +158,8 @@ CHECKPOINTS = [
     ("weights-tensor-missing", weights_edit(_pop("model.norm.weight")), q.WeightsError, r"model\.norm\.weight"),
     ("weights-nan", weights_edit(_set("model.norm.weight", _full(256, float("nan")))), q.WeightsError,
      r"model\.safetensors: tensor 'model\.norm\.weight' holds NaN or Inf values"),
-    ("weights-inf-in-fused", weights_edit(_set("model.layers.2.self_attn.k_proj.weight", _full(128, 256, float("inf")))),
+    ("weights-inf-in-fused",
+     weights_edit(_set("model.layers.2.self_attn.k_proj.weight", _full(128, 256, float("inf")))),
      q.WeightsError, r"tensor 'model\.layers\.2\.self_attn\.k_proj\.weight' holds NaN or Inf values"),
     ("weights-wrong-shape", weights_edit(_set("model.norm.weight", _zeros(255))), q.WeightsError,
      r"model\.norm\.weight"),
@@ -284,7 +285,7 @@ CLI = [
     ("temperature-nan", ["generate", "--temperature", "nan"], 2, r"expected a finite number, got 'nan'"),
     ("temperature-inf", ["generate", "--temperature", "inf"], 2, r"expected a finite number, got 'inf'"),
     ("temperature-word", ["generate", "--temperature", "hot"], 2, r"expected a number, got 'hot'"),
-    ("top-k-negative", ["generate", "--top-k", "-1"], 2, r"argument --top-k: must be an integer >= 0"),
+    ("top-k-negative", ["generate", "--top-k", "-1"], 2, r"argument --top-k: must be an integer in \[0, 2\*\*31\)"),
     ("top-k-float", ["generate", "--top-k", "1.5"], 2, r"argument --top-k: expected an integer"),
     ("top-p-zero", ["generate", "--top-p", "0"], 2, r"argument --top-p: must be in \(0, 1\], got '0'"),
     ("top-p-above-one", ["generate", "--top-p", "1.5"], 2, r"argument --top-p: must be in \(0, 1\]"),
@@ -399,7 +400,8 @@ def test_cli_debug_shows_the_traceback(capsys):
 
 def test_cli_sampling_ranges_agree_with_sampling_params():
     """The CLI checks sampling ranges before jax loads; SamplingParams is the rule: they must agree."""
-    cases = {"temperature": ["--temperature", ["0", "0.5", "-0.01", "100"]], "top_k": ["--top-k", ["0", "5", "-1"]],
+    cases = {"temperature": ["--temperature", ["0", "0.5", "-0.01", "100"]],
+             "top_k": ["--top-k", ["0", "5", "-1", str(2**31 - 1), str(2**31)]],
              "top_p": ["--top-p", ["0", "1e-9", "1", "1.0001"]], "min_p": ["--min-p", ["0", "1", "-0.1", "1.1"]],
              "seed": ["--seed", ["0", str(2**32 - 1), str(2**32), "-1"]]}
     parser = cli.build_parser("generate")
@@ -517,6 +519,8 @@ API = [  # (id, call on the loaded demo model, error, pattern)
      r"invalid sampling value max_tokens=0"),
     ("sampling-stop-ids-string", lambda m: q.SamplingParams(stop_token_ids="abc"), ValueError,
      r"invalid sampling value stop_token_ids='abc'"),
+    ("sampling-top-k-huge", lambda m: q.SamplingParams(top_k=10**12), ValueError,
+     r"invalid sampling value top_k=1000000000000: must be an integer in \[0, 2\*\*31\)"),
     ("sampling-logprobs-too-many", lambda m: q.SamplingParams(logprobs=100), ValueError,
      r"invalid sampling value logprobs=100"),
     ("engine-decode-steps-zero", lambda m: q.EngineOptions(decode_steps=0), ValueError,
