@@ -32,7 +32,8 @@ ANSWERED = [
      "parrot"),
     ("Yarrowin Pell is 47 years old. Corbin Stade is 12 years old. How old is Yarrowin Pell?", "47"),
     ("Ombrelo Fisk works as a baker. Ombrelo Fisk lives in Trazenda. Where does Ombrelo Fisk live?", "Trazenda"),
-    ("Lumira Gaskell works as a pilot. Dorvan Ashe works as a farmer. What is the job of Dorvan Ashe?", "farmer"),
+    ("The capital of Drenmark is Oskelby. The flag of Drenmark is purple. What color is the flag of Drenmark?",
+     "purple"),
     ("Sablo Tennick lives in Ferrowmere. Idris Calloway lives in Brunhallow. In which city does Idris Calloway live?",
      "Brunhallow"),
 ]
