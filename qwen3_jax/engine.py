@@ -492,11 +492,9 @@ class LLMEngine:
 
     # ---- helpers ---------------------------------------------------------------------------------------
     def _options(self, seqs, *, prompt: bool) -> StepOptions:
-        return StepOptions(greedy=all(s.params.greedy for s in seqs),
-                           logprobs=any(s.logprobs is not None for s in seqs),
-                           prompt_logprobs=prompt and any(s.prompt_logprobs is not None and not s.output_token_ids
-                                                          for s in seqs),
-                           penalties=any(s.params.penalized for s in seqs))
+        # Prompt log-probabilities only while a sequence that asked for them has produced nothing yet.
+        return dataclasses.replace(_step_options([s.params for s in seqs]), prompt_logprobs=prompt and any(
+            s.params.prompt_logprobs is not None and not s.output_token_ids for s in seqs))
 
     def _sampling_rows(self, seqs, rows: int, opts: StepOptions):
         samp = batch_arrays([s.params for s in seqs], rows, penalties=opts.penalties)
@@ -553,15 +551,20 @@ class LLMEngine:
         """Compile (concurrently, now) the prefill and decode steps a run of `num_seqs` requests with
         `prompt_tokens` prompt tokens in all will start with; returns seconds. Without precompile this keeps the
         first compilations out of a streaming run."""
-        opts = StepOptions(greedy=all(p.greedy for p in params), logprobs=any(p.logprobs is not None for p in params),
-                           prompt_logprobs=any(p.prompt_logprobs is not None for p in params),
-                           penalties=any(p.penalized for p in params))
+        opts = _step_options(params)
         tokens = self._bucket("prefill", min(prompt_tokens, self.options.max_num_batched_tokens), opts)
         decode_opts = dataclasses.replace(opts, prompt_logprobs=False)
         rows = self._bucket("decode", min(num_seqs, self.options.max_num_seqs), decode_opts)
         return self.steps.compile_all([("prefill", opts, self._prefill_shapes(tokens, opts)),
                                        ("decode", decode_opts, self._decode_shapes(rows, decode_opts))],
                                       progress=False)
+
+
+def _step_options(params: SequenceABC[SamplingParams]) -> StepOptions:
+    """The step variant that requests with these sampling params need together."""
+    return StepOptions(greedy=all(p.greedy for p in params), logprobs=any(p.logprobs is not None for p in params),
+                       prompt_logprobs=any(p.prompt_logprobs is not None for p in params),
+                       penalties=any(p.penalized for p in params))
 
 
 def _progress_bar(total: int):

@@ -78,12 +78,12 @@ def linear(x: jax.Array, w, k: Kernels | None = None) -> jax.Array:
 
 def quantized_linear(x: jax.Array, w: QuantizedWeight, k: Kernels | None = None) -> jax.Array:
     """x @ dequantize(w).T: the Pallas dequantize-matmul kernel for up to QUANT_KERNEL_MAX_ROWS rows when
-    `k.quant_matmul` (k None: on a GPU), else XLA's dot over the weight converted to x's dtype."""
-    use_kernel = k.quant_matmul if k is not None else jax.default_backend() == "gpu"
+    `k.quant_matmul`, else XLA's dot over the weight converted to x's dtype."""
+    use_kernel = k is not None and k.quant_matmul
     rows = x.size // x.shape[-1]
     args = dict(fmt=w.fmt, in_features=w.in_features, group_size=w.group_size)
     if use_kernel and rows <= QUANT_KERNEL_MAX_ROWS:
-        return _qm.quant_matmul(x, w.qweight, w.scales, w.zeros, **args, interpret=k is not None and k.interpret)
+        return _qm.quant_matmul(x, w.qweight, w.scales, w.zeros, **args, interpret=k.interpret)
     if w.fmt == "int8":  # exact int8 -> activation-dtype products, the per-channel scale after the sum
         precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
         y = jax.lax.dot_general(x, w.qweight.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
