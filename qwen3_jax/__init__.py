@@ -23,6 +23,7 @@ _EXPORTS = {  # public name -> the submodule defining it
     "LLM": "llm",
     "forward": "model",
     "Kernels": "ops",
+    "TensorParallel": "parallel",
     "CompletionOutput": "outputs", "RequestOutput": "outputs",
     "SamplingParams": "sampling",
     "Tokenizer": "tokenizer",

@@ -213,7 +213,8 @@ def chat_main(args) -> int:
 
     model_dir = args.model or DEMO_MODEL_DIR
     print(f"loading {model_dir} ...", file=sys.stderr)
-    model = load(model_dir, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize)
+    model = load(model_dir, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize,
+                 tensor_parallel=args.tensor_parallel, devices=args.devices)
     overrides = dict(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
                      min_p=args.min_p, seed=args.seed)
     sampling = dataclasses.replace(model.default_sampling(**overrides), max_tokens=args.max_new_tokens)

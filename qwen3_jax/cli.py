@@ -100,6 +100,9 @@ def _model_options(p: argparse.ArgumentParser, *, positional: bool = False) -> N
     p.add_argument("--quantize", choices=("int8", "int4"),
                    help="quantize the linear layers' weights at load (FP8 and AWQ checkpoints load quantized as they "
                         "are)")
+    from .server import add_parallel_arguments  # (argparse only: the server's heavy modules load when it runs)
+
+    add_parallel_arguments(p)
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
@@ -376,7 +379,8 @@ def _generate(args, ctrl_c: _CtrlC) -> int:
     from .generate import generate, load
 
     print(f"loading {model_dir} ...", file=sys.stderr)
-    model = load(model_dir, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize)
+    model = load(model_dir, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize,
+                 tensor_parallel=args.tensor_parallel, devices=args.devices)
     sampling = _sampling(args, model)
     print(f"{model.config.num_params() / 1e6:,.1f}M parameters, {model.config.dtype}, kernels: "
           f"{model.kernels.name}, sampling: {describe_sampling(sampling)}", file=sys.stderr)
@@ -431,7 +435,8 @@ def run_bench(args) -> int:
     model_dir = args.model or DEMO_MODEL_DIR
     total = args.prompt_len + args.new_tokens
     block_size = 64
-    llm = LLM(model_dir, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize, max_num_seqs=args.batch,
+    llm = LLM(model_dir, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize,
+              tensor_parallel=args.tensor_parallel, devices=args.devices, max_num_seqs=args.batch,
               decode_steps=args.decode_steps, precompile=False, max_model_len=total,
               num_blocks=args.batch * -(-total // block_size), block_size=block_size)
     vocab = llm.model.config.vocab_size

@@ -23,6 +23,7 @@ import numpy as np
 from .block_manager import BlockManager
 from .kv_cache import AttentionMetadata, CacheOverflowError, KVCache, blocks_for_memory, check_block_size
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .parallel import local_config
 from .sampling import SamplingParams, batch_arrays, history_arrays
 from .scheduler import DecodeBatch, PrefillBatch, Scheduler, Sequence, Status
 from .steps import StepCompiler, StepOptions, decode_arg_shapes, prefill_arg_shapes
@@ -135,21 +136,31 @@ class LLMEngine:
         if options.num_blocks is not None and options.num_blocks > most:
             raise ValueError(f"num_blocks={options.num_blocks} is more than one layer's pool can address ({most} "
                              f"blocks of {options.block_size}: int32 offsets in the attention kernels)")
+        self.parallel = tp = model.parallel  # a TensorParallel, or None: one device
+        self._put = tp.put if tp is not None else jax.device_put  # host arrays -> the step's device(s)
+        # one device's KV heads and MLP width; sampling reads the full vocabulary's logits on every device
+        per_device = (local_config(self.config, tp.size).replace(vocab_size=self.config.vocab_size)
+                      if tp is not None else self.config)
         num_blocks = options.num_blocks or min(most, blocks_for_memory(
-            self.config, block_size=options.block_size, utilization=options.gpu_memory_utilization,
+            per_device, block_size=options.block_size, utilization=options.gpu_memory_utilization,
             max_num_batched_tokens=options.max_num_batched_tokens,
             max_rows=max(options.max_num_seqs, self.max_prefill_seqs),
-            fallback_tokens=min(max_model_len, 1024) * min(options.max_num_seqs, 16) + max_model_len))
-        self.cache = KVCache.init(self.config, num_blocks, options.block_size)
-        log.info("KV cache: %d blocks of %d positions (%d tokens, %.2f GiB)", num_blocks, options.block_size,
-                 num_blocks * options.block_size, self.cache.nbytes / 2**30)
+            fallback_tokens=min(max_model_len, 1024) * min(options.max_num_seqs, 16) + max_model_len,
+            device=tp.local_devices[0] if tp is not None else None))
+        if tp is not None:
+            self.cache = tp.init_cache(self.config, num_blocks, options.block_size)
+        else:
+            self.cache = KVCache.init(self.config, num_blocks, options.block_size)
+        log.info("KV cache: %d blocks of %d positions (%d tokens, %.2f GiB%s)", num_blocks, options.block_size,
+                 num_blocks * options.block_size, self.cache.nbytes / 2**30,
+                 f" over {tp.size} devices" if tp is not None else "")
         self.blocks = BlockManager(num_blocks, options.block_size,
                                    enable_prefix_caching=options.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=options.max_num_seqs,
                                    max_num_batched_tokens=options.max_num_batched_tokens,
                                    max_prefill_seqs=self.max_prefill_seqs, lookahead=self.lookahead,
                                    prefills_per_decode=options.decode_steps)
-        self.steps = StepCompiler(self.config, model.kernels, options.decode_steps)
+        self.steps = StepCompiler(self.config, model.kernels, options.decode_steps, tp)
         self.seqs: dict[str, Sequence] = {}
         self._decoders: dict[str, StreamDecoder] = {}
         self._texts: dict[str, str] = {}
@@ -331,9 +342,10 @@ class LLMEngine:
             completes.append(not seq.prefilling and not seq.output_token_ids)
             start += chunk
         meta = AttentionMetadata.for_prefill(tables, seq_lens, batch.chunks, block_size=self.options.block_size,
-                                             num_tokens=num_tokens, num_seqs=rows, max_blocks=self.max_blocks_per_seq)
+                                             num_tokens=num_tokens, num_seqs=rows, max_blocks=self.max_blocks_per_seq,
+                                             put=self._put)
         samp, seeds, counts = self._sampling_rows(batch.seqs, rows, opts)
-        tokens, positions, last, targets_d = jax.device_put((tokens, positions, last, targets))
+        tokens, positions, last, targets_d = self._put((tokens, positions, last, targets))
         args = (self.model.params, self.cache, tokens, positions, meta, last, targets_d, samp, seeds, counts)
         out, self.cache = self.steps.get("prefill", opts, args)(*args)
         return _PendingPrefill(batch, out, starts, completes, [s.num_preemptions for s in batch.seqs], targets)
@@ -372,7 +384,7 @@ class LLMEngine:
             counts[:n] = [len(s.output_token_ids) for s in batch.seqs]
             feed = np.zeros(rows, np.int32)
             feed[:n] = [s.output_token_ids[-1] for s in batch.seqs]
-            tokens = jax.device_put(feed)
+            tokens = self._put(feed)
             stops = np.zeros(rows, np.int32)
             stops[:n] = [s.max_len - 1 for s in batch.seqs]
             samp, seeds, _ = self._sampling_rows(batch.seqs, rows, opts)
@@ -382,7 +394,7 @@ class LLMEngine:
         tables = np.zeros((rows, self.max_blocks_per_seq), np.int32)
         for i, s in enumerate(batch.seqs):
             tables[i, :len(s.block_table)] = s.block_table
-        host = jax.device_put((positions, stops, tables, counts))  # one transfer call for the per-call arrays
+        host = self._put((positions, stops, tables, counts))  # one transfer call for the per-call arrays
         args = (self.model.params, self.cache, tokens, *host[:3], samp, seeds, host[3])
         outputs, self.cache = self.steps.get("decode", opts, args)(*args)
         if opts.penalties:  # the history with this call's tokens: the next call's, kept on the device
@@ -501,12 +513,12 @@ class LLMEngine:
         if opts.penalties:
             samp |= history_arrays([s.token_ids for s in seqs], [len(s.prompt_token_ids) for s in seqs], rows,
                                    self.options.max_model_len)
-        samp = jax.device_put(samp)
+        samp = self._put(samp)
         seeds = np.zeros(rows, np.uint32)
         seeds[:len(seqs)] = [s.seed for s in seqs]
         counts = np.zeros(rows, np.int32)
         counts[:len(seqs)] = [len(s.output_token_ids) for s in seqs]
-        return (samp, *jax.device_put((seeds, counts)))
+        return (samp, *self._put((seeds, counts)))
 
     def _request_output(self, seq: Sequence) -> RequestOutput:
         text = self._texts.get(seq.request_id)
@@ -532,11 +544,12 @@ class LLMEngine:
     def _prefill_shapes(self, num_tokens: int, opts: StepOptions = StepOptions()) -> tuple:
         history = self.options.max_model_len if opts.penalties else None
         return prefill_arg_shapes(self.model.params, self.cache, num_tokens, self.max_prefill_seqs,
-                                  self.max_blocks_per_seq, history)
+                                  self.max_blocks_per_seq, history, self.parallel)
 
     def _decode_shapes(self, rows: int, opts: StepOptions = StepOptions()) -> tuple:
         history = self.options.max_model_len if opts.penalties else None
-        return decode_arg_shapes(self.model.params, self.cache, rows, self.max_blocks_per_seq, history)
+        return decode_arg_shapes(self.model.params, self.cache, rows, self.max_blocks_per_seq, history,
+                                 self.parallel)
 
     def compile_all(self) -> float:
         """Compile the prefill and decode steps of every bucket (greedy and sampled) now; returns seconds."""

@@ -19,6 +19,7 @@ import numpy as np
 from .config import Qwen3Config
 from .engine import EngineOptions, LLMEngine
 from .ops import Kernels
+from .parallel import TensorParallel, check_parallel_config
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .weights import load_params
@@ -34,6 +35,7 @@ class Qwen3:
     generation_config: dict
     kernels: Kernels
     model_dir: Path | None = None
+    parallel: TensorParallel | None = None  # the devices the params are split over (None: one device)
     _engine: object = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -92,6 +94,16 @@ class Qwen3:
                                                          precompile=False))
         return self._engine
 
+    def with_tensor_parallel(self, tensor_parallel: int, devices=None) -> "Qwen3":
+        """This model (loaded on one device) split over `tensor_parallel` devices, as `load(tensor_parallel=...)`
+        would load it; the weights pass through the host."""
+        if self.parallel is not None:
+            raise ValueError(f"this model is already split over {self.parallel.size} devices")
+        check_parallel_config(self.config, tensor_parallel)
+        parallel = TensorParallel.create(tensor_parallel, devices)
+        return dataclasses.replace(self, params=parallel.shard_params(self.params, self.config), parallel=parallel,
+                                   _engine=None)
+
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             where = f"{self.model_dir / 'tokenizer.json'} is missing" if self.model_dir is not None else \
@@ -102,14 +114,22 @@ class Qwen3:
 
 
 def load(model_dir: str | Path, *, dtype: str | None = None, kernels: str | Kernels = "auto",
-         quantize: str | None = None, modules_to_not_convert: tuple[str, ...] = ()) -> Qwen3:
+         quantize: str | None = None, modules_to_not_convert: tuple[str, ...] = (),
+         tensor_parallel: int | None = None, devices=None) -> Qwen3:
     """Load a Hugging Face Qwen3 checkpoint directory (config, safetensors weights, tokenizer, generation config).
 
     `quantize` ('int8' or 'int4') quantizes the linear layers' weights at load, except the modules named in
-    `modules_to_not_convert` (e.g. ('lm_head',)); FP8 and AWQ checkpoints load quantized as they are."""
+    `modules_to_not_convert` (e.g. ('lm_head',)); FP8 and AWQ checkpoints load quantized as they are.
+    `tensor_parallel=N` splits the model over N devices (`devices`: which ones, as jax devices or ids; default
+    the first N), each reading only its own part of the weights (`parallel.py`)."""
     model_dir = Path(model_dir).expanduser()
     config = Qwen3Config.from_pretrained(model_dir, dtype=dtype)
     kernels = Kernels.resolve(kernels)
+    parallel = None
+    if tensor_parallel is not None or devices is not None:
+        size = tensor_parallel if tensor_parallel is not None else len(devices)
+        check_parallel_config(config, size)
+        parallel = TensorParallel.create(size, devices)
     # the small files first, so a broken tokenizer or generation config fails before gigabytes are read
     tokenizer = Tokenizer.from_pretrained(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     gen_path = model_dir / "generation_config.json"
@@ -119,8 +139,9 @@ def load(model_dir: str | Path, *, dtype: str | None = None, kernels: str | Kern
             generation_config = json.loads(gen_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{gen_path}: not valid JSON ({e})") from None
-    params = load_params(model_dir, config, quantize=quantize, modules_to_not_convert=modules_to_not_convert)
-    return Qwen3(config, params, tokenizer, generation_config, kernels, model_dir)
+    params = load_params(model_dir, config, quantize=quantize, modules_to_not_convert=modules_to_not_convert,
+                         parallel=parallel)
+    return Qwen3(config, params, tokenizer, generation_config, kernels, model_dir, parallel)
 
 
 def _is_int(x) -> bool:

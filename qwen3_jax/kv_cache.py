@@ -60,10 +60,11 @@ class KVCache:
 
 
 def blocks_for_memory(config: Qwen3Config, *, block_size: int, utilization: float, max_num_batched_tokens: int,
-                      max_rows: int, fallback_tokens: int) -> int:
+                      max_rows: int, fallback_tokens: int, device=None) -> int:
     """KV blocks that fit in `utilization` of the device's memory after what is in use (the weights) and a
-    reserve for one step's temporaries; without memory statistics (CPU), enough for `fallback_tokens`."""
-    stats = jax.local_devices()[0].memory_stats() or {}
+    reserve for one step's temporaries; without memory statistics (CPU), enough for `fallback_tokens`. With
+    tensor parallelism `config` is one device's part (`parallel.local_config`) and `device` one of the mesh's."""
+    stats = (device or jax.local_devices()[0]).memory_stats() or {}
     limit = stats.get("bytes_limit")
     if not limit:
         return -(-fallback_tokens // block_size)
@@ -102,9 +103,10 @@ class AttentionMetadata:
     @classmethod
     def for_prefill(cls, block_tables: Sequence[Sequence[int]], seq_lens: Sequence[int], query_lens: Sequence[int],
                     *, block_size: int, num_tokens: int, num_seqs: int | None = None,
-                    max_blocks: int | None = None) -> "AttentionMetadata":
+                    max_blocks: int | None = None, put=jax.device_put) -> "AttentionMetadata":
         """Host-built metadata for chunks of query_lens[s] tokens ending at seq_lens[s], padded to `num_tokens`
-        tokens and `num_seqs` rows (tables padded to `max_blocks` with block 0, never read)."""
+        tokens and `num_seqs` rows (tables padded to `max_blocks` with block 0, never read); `put` moves the
+        arrays to the device(s)."""
         num_seqs = num_seqs or len(seq_lens)
         tables = _table_array(block_tables, num_seqs, max_blocks)
         lens = np.zeros(num_seqs, np.int32)
@@ -118,7 +120,7 @@ class AttentionMetadata:
         for s, (n, q) in enumerate(zip(lens, qlens)):
             pos = np.arange(n - q, n)
             slots[start[s]:start[s + 1]] = tables[s, pos // block_size] * block_size + pos % block_size
-        return cls(*jax.device_put((tables, lens, start, slots)), decode=False)
+        return cls(*put((tables, lens, start, slots)), decode=False)
 
     @classmethod
     def for_decode(cls, block_tables: Sequence[Sequence[int]], positions: Sequence[int], *, num_seqs: int | None = None,

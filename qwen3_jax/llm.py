@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from . import distributed
 from .engine import LLMEngine, engine_options
 from .generate import Qwen3, load
 from .outputs import RequestOutput
@@ -19,19 +20,35 @@ from .sampling import SamplingParams
 
 class LLM:
     """A loaded model and its engine. `model` is a checkpoint directory or an already loaded `Qwen3`;
-    `quantize` ('int8', 'int4') and `modules_to_not_convert` as in `load`;
+    `quantize` ('int8', 'int4'), `modules_to_not_convert`, `tensor_parallel` and `devices` as in `load`;
     `options` are `EngineOptions` fields (max_num_seqs, max_model_len, num_blocks, ...)."""
 
     def __init__(self, model, *, dtype: str | None = None, kernels="auto", quantize: str | None = None,
-                 modules_to_not_convert: tuple[str, ...] = (), **options):
+                 modules_to_not_convert: tuple[str, ...] = (), tensor_parallel: int | None = None, devices=None,
+                 **options):
         if isinstance(model, Qwen3):
-            if dtype is not None or quantize is not None:
-                raise ValueError("dtype and quantize apply when loading a checkpoint; this model is already loaded")
+            if dtype is not None or quantize is not None or tensor_parallel is not None or devices is not None:
+                raise ValueError("dtype, quantize, tensor_parallel and devices apply when loading a checkpoint; this "
+                                 "model is already loaded")
             self.model = model
         else:
             self.model = load(model, dtype=dtype, kernels=kernels, quantize=quantize,
-                              modules_to_not_convert=modules_to_not_convert)
+                              modules_to_not_convert=modules_to_not_convert, tensor_parallel=tensor_parallel,
+                              devices=devices)
         self.engine = LLMEngine(self.model, engine_options(**options))
+        parallel = self.model.parallel
+        self.multi_process = parallel is not None and parallel.mesh.is_multi_process
+        if self.multi_process and distributed.is_leader():
+            self.engine = distributed.LockstepEngine(self.engine)
+
+    def follow(self) -> None:
+        """On a process other than 0 of a multi-process model: step with process 0 until it calls `shutdown`."""
+        distributed.follow(self.engine)
+
+    def shutdown(self) -> None:
+        """On process 0 of a multi-process model: release the other processes (their `follow` returns)."""
+        if isinstance(self.engine, distributed.LockstepEngine):
+            self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.model.tokenizer
@@ -42,6 +59,8 @@ class LLM:
         """Generate for each prompt (text, token ids, or a chat message list), in order. `sampling_params`: one
         for all prompts or one per prompt (default: the checkpoint's generation_config.json, max_tokens 16).
         `on_output(i, output)` sees prompt i's output after every step that changed it (streaming)."""
+        if self.multi_process and not distributed.is_leader():
+            raise RuntimeError("this process follows process 0, which takes the prompts: call llm.follow() here")
         prompts = _as_prompt_list(prompts)
         ids = [self._token_ids(p) for p in prompts]
         params = self._params_list(sampling_params, len(ids))

@@ -8,6 +8,8 @@ computes exactly HF's `residual + out` followed by the norm and the projection.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -15,6 +17,15 @@ from . import ops
 from .config import Qwen3Config
 from .kv_cache import AttentionMetadata, KVCache
 from .ops import Kernels, linear
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This device's part of a tensor-parallel model (`parallel.py`, under shard_map): the mesh axis its
+    collectives run over, and the full vocabulary its logits are gathered to."""
+
+    axis: str
+    vocab_size: int
 
 
 def _attention(p, qkv, positions, k_pool, v_pool, meta: AttentionMetadata, inv_freq, config: Qwen3Config,
@@ -40,13 +51,17 @@ def _attention(p, qkv, positions, k_pool, v_pool, meta: AttentionMetadata, inv_f
 
 def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCache, meta: AttentionMetadata, *,
             config: Qwen3Config, kernels: Kernels = Kernels(), logits_indices: jax.Array | None = None,
-            return_hidden: bool = False):
+            return_hidden: bool = False, shard: Shard | None = None):
     """Run the model on a flat batch of tokens [N] at positions [N], writing their keys and values into the pool
     where `meta` says, each token attending to its own sequence's cached positions up to its own.
 
     Returns (logits, cache): logits [N, V] float32, or [S, V] for the rows `logits_indices` [S] when given (a step
     only needs each sequence's last token). With `return_hidden`, also the residual stream after the embedding
     and after every layer (a list of [N, H]).
+
+    With `shard`, this is one device's part of a tensor-parallel model: params, pool and `config` are its local
+    shards (its heads, MLP columns and vocabulary rows); the o_proj and down_proj products and the embedding are
+    summed over the devices and the logits gathered, so the result is the whole model's on every device.
     """
     if tokens.ndim != 1 or positions.shape != tokens.shape:
         raise ValueError(f"tokens and positions must both be flat [N], got {tokens.shape} and {positions.shape}")
@@ -58,7 +73,8 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCach
     eps = config.rms_norm_eps
     positions = positions.astype(jnp.int32)
 
-    h = params["embed_tokens"][tokens].astype(dtype)  # [N, H]; Qwen3 never scales embeddings
+    axis = shard.axis if shard is not None else None
+    h = ops.embed(params["embed_tokens"], tokens, axis).astype(dtype)  # [N, H]; Qwen3 never scales embeddings
     hidden = [h] if return_hidden else None
     new_k, new_v = [], []
     out, residual = None, None
@@ -74,10 +90,10 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCach
         o, k_i, v_i = _attention(p, qkv, positions, cache.k[i], cache.v[i], meta, inv_freq, config, kernels)
         new_k.append(k_i)
         new_v.append(v_i)
-        a = ops.dense(kernels, o, p["o_proj"])
+        a = ops.dense(kernels, o, p["o_proj"], reduce_axis=axis)
         act, residual = ops.dense(kernels, a, p["gate_up_proj"], norm_weight=p["post_attention_layernorm"],
                                   residual=residual, eps=eps, swiglu=True)  # silu(gate) * up
-        out = ops.dense(kernels, act, p["down_proj"])
+        out = ops.dense(kernels, act, p["down_proj"], reduce_axis=axis)
     x, residual = ops.rms_norm(kernels, out, params["norm"], eps, residual=residual)
     if return_hidden:
         hidden.append(residual)
@@ -86,5 +102,7 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: KVCach
         x = x[logits_indices.astype(jnp.int32)]  # [S, H]
     lm_head = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
     logits = linear(x, lm_head, kernels).astype(jnp.float32)  # HF: lm_head in the model dtype, then .float()
+    if shard is not None:  # [S, V / N] per device -> [S, V] on every device (the padding rows cut off)
+        logits = jax.lax.all_gather(logits, axis, axis=1, tiled=True)[:, :shard.vocab_size]
     cache = KVCache(k=tuple(new_k), v=tuple(new_v))
     return (logits, cache, hidden) if return_hidden else (logits, cache)

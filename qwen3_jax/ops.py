@@ -63,17 +63,36 @@ class Kernels:
         return base + (" (interpret)" if self.interpret and any(flags) else "")
 
 
-def linear(x: jax.Array, w, k: Kernels | None = None) -> jax.Array:
+def linear(x: jax.Array, w, k: Kernels | None = None, reduce_axis: str | None = None) -> jax.Array:
     """x @ w.T for an nn.Linear weight w [out, in]: f32 accumulation, result in x's dtype (as torch does).
-    A quantized w (`QuantizedWeight`, or a `TiedEmbedding`'s head) runs `quantized_linear`."""
+    A quantized w (`QuantizedWeight`, or a `TiedEmbedding`'s head) runs `quantized_linear`. With `reduce_axis`
+    (tensor parallel, w split by input) the devices' f32 partial products are summed before the cast, so the
+    result rounds once, as the unsplit product does."""
     if isinstance(w, TiedEmbedding):
         w = w.head
     if isinstance(w, QuantizedWeight):
+        if reduce_axis is not None:
+            raise ValueError("quantized weights are not split over devices")
         return quantized_linear(x, w, k)
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
                             precision=precision, preferred_element_type=jnp.float32)
+    if reduce_axis is not None:
+        y = jax.lax.psum(y, reduce_axis)
     return y.astype(x.dtype)
+
+
+def embed(table, tokens: jax.Array, axis: str | None = None) -> jax.Array:
+    """table[tokens]. With `axis` (tensor parallel) each device holds a contiguous slice of the vocabulary's rows:
+    it looks up the tokens in its slice, zeros for the others, and the devices' rows are summed (exact: one of
+    them is the row, the rest are zeros)."""
+    if axis is None:
+        return table[tokens]
+    rows = table.shape[0]
+    local = tokens - jax.lax.axis_index(axis) * rows
+    mine = (local >= 0) & (local < rows)
+    found = jnp.where(mine[:, None], table[jnp.clip(local, 0, rows - 1)], 0)
+    return jax.lax.psum(found, axis)
 
 
 def quantized_linear(x: jax.Array, w: QuantizedWeight, k: Kernels | None = None) -> jax.Array:
@@ -98,18 +117,19 @@ def rms_norm(k: Kernels, x, weight, eps, residual=None):
     return _rms.rms_norm_reference(x, weight, eps=eps, residual=residual)
 
 
-def dense(k: Kernels, x, w, *, norm_weight=None, residual=None, eps=None, swiglu=False):
+def dense(k: Kernels, x, w, *, norm_weight=None, residual=None, eps=None, swiglu=False, reduce_axis=None):
     """A linear layer act(norm(x [+ residual]) @ w.T): the RMSNorm op (optional; with `residual` the call returns
     (y, residual + x)), an XLA matmul, and SwiGLU (silu(gate) * up over w = [gate; up]) as torch rounds it.
 
     A bf16 matmul stays with XLA: a fused Pallas RMSNorm + matrix-vector kernel (Triton lowering) measured slower
-    than XLA's own matrix-vector kernels at decode (BENCHMARKS.md). A quantized w goes through `quantized_linear`."""
+    than XLA's own matrix-vector kernels at decode (BENCHMARKS.md). A quantized w goes through `quantized_linear`.
+    `reduce_axis`: sum the product over the tensor-parallel devices (`linear`)."""
     summed = None
     if norm_weight is not None:
         x = rms_norm(k, x, norm_weight, eps, residual=residual)
         if residual is not None:
             x, summed = x
-    y = linear(x, w, k)
+    y = linear(x, w, k, reduce_axis)
     if swiglu:
         gate, up = jnp.split(y, 2, axis=-1)
         y = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up  # torch's bf16 silu computes in f32

@@ -7,6 +7,9 @@ between tokens), each row stopping at its own `stops` position. Both can also re
 chosen tokens and the top `MAX_LOGPROBS`, and a prefill step those of the prompt's tokens. The penalty variant
 takes each row's token history (`samp["history"]`) and counts its tokens on the device; a decode step adds each
 token it samples, so step i sees the tokens of steps < i, and returns the history for a following call.
+
+With a `TensorParallel` (`tp`), the forward pass runs split over its devices (`parallel.py`) and everything else
+(sampling, the outputs) on the full logits, replicated on every device.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .config import Qwen3Config
 from .kv_cache import AttentionMetadata, KVCache
 from .model import forward
 from .ops import Kernels
+from .parallel import TensorParallel
 from .sampling import (MAX_LOGPROBS, apply_penalties, batch_arrays, history_arrays, record_tokens, request_keys,
                        sample, token_counts, token_logprobs)
 
@@ -55,25 +59,39 @@ def _sample_rows(logits, samp, seeds, counts, opts: StepOptions, seen=None, occu
     return out
 
 
+def _forward(tp: TensorParallel | None, params, tokens, positions, cache, meta, **kwargs):
+    """The model on one device, or split over `tp`'s."""
+    if tp is None:
+        return forward(params, tokens, positions, cache, meta, **kwargs)
+    return tp.forward(params, tokens, positions, cache, meta, **kwargs)
+
+
+def _replicated(tp: TensorParallel | None, outputs: dict) -> dict:
+    """Step outputs the same on every device (the host reads them from any)."""
+    return outputs if tp is None else jax.lax.with_sharding_constraint(outputs, tp.replicated)
+
+
 def prefill_step(params, cache: KVCache, tokens, positions, meta: AttentionMetadata, logits_indices, targets, samp,
-                 seeds, counts, *, config: Qwen3Config, kernels: Kernels, opts: StepOptions):
+                 seeds, counts, *, config: Qwen3Config, kernels: Kernels, opts: StepOptions,
+                 tp: TensorParallel | None = None):
     """Prompt chunks, tokens [N] at positions [N] as `meta` lays them out -> (outputs, cache). outputs["tokens"]
     [S] is sampled from the logits at each sequence's last token (`logits_indices` [S]); with prompt logprobs,
     outputs["prompt_*"] [N] score `targets` [N] (each token's successor) at every token."""
     pen = token_counts(samp["history"], samp["prompt_lens"], config.vocab_size) if opts.penalties else ()
     if opts.prompt_logprobs:
-        logits, cache = forward(params, tokens, positions, cache, meta, config=config, kernels=kernels)  # [N, V]
+        logits, cache = _forward(tp, params, tokens, positions, cache, meta, config=config, kernels=kernels)  # [N, V]
         out = _sample_rows(logits[logits_indices], samp, seeds, counts, opts, *pen)
         chosen, ids, values = token_logprobs(logits, targets, MAX_LOGPROBS)
         out.update(prompt_logprob=chosen, prompt_top_ids=ids, prompt_top_logprobs=values)
-        return out, cache
-    logits, cache = forward(params, tokens, positions, cache, meta, config=config, kernels=kernels,
-                            logits_indices=logits_indices)  # [S, V]
-    return _sample_rows(logits, samp, seeds, counts, opts, *pen), cache
+        return _replicated(tp, out), cache
+    logits, cache = _forward(tp, params, tokens, positions, cache, meta, config=config, kernels=kernels,
+                             logits_indices=logits_indices)  # [S, V]
+    return _replicated(tp, _sample_rows(logits, samp, seeds, counts, opts, *pen)), cache
 
 
 def decode_step(params, cache: KVCache, tokens, positions, stops, block_tables, samp, seeds, counts, *,
-                config: Qwen3Config, kernels: Kernels, opts: StepOptions, num_steps: int):
+                config: Qwen3Config, kernels: Kernels, opts: StepOptions, num_steps: int,
+                tp: TensorParallel | None = None):
     """`num_steps` decode steps for rows fed tokens [B] at positions [B] -> (outputs [B, num_steps] per key,
     cache). Row b computes positions up to stops[b] - 1 (stops 0: a padding row); later steps of a row that has
     stopped write nothing and their tokens are junk the host drops. Step i draws token counts[b] + i. With
@@ -90,7 +108,7 @@ def decode_step(params, cache: KVCache, tokens, positions, stops, block_tables, 
     def body(i, carry):
         tok, cache, outs, pen, history = carry
         pos = jnp.where(positions + i < stops, positions + i, -1)  # -1: this row computes nothing
-        logits, cache = forward(params, tok, pos, cache, meta, config=config, kernels=kernels)  # [B, V]
+        logits, cache = _forward(tp, params, tok, pos, cache, meta, config=config, kernels=kernels)  # [B, V]
         new = _sample_rows(logits, samp, seeds, counts + i, opts, *pen)
         outs = {k: outs[k].at[:, i].set(new[k]) for k in outs}
         if opts.penalties:  # the sampled token (at position pos + 1) counts from the next step on
@@ -104,53 +122,56 @@ def decode_step(params, cache: KVCache, tokens, positions, stops, block_tables, 
     outs["last"] = last  # the tokens a following call feeds (read on the device only)
     if opts.penalties:
         outs["history"] = history  # the history a following call takes (read on the device only)
-    return outs, cache
+    return _replicated(tp, outs), cache
 
 
-def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
-
-
-def _sampling_shapes(rows: int, history: int | None) -> tuple:
+def _sampling_shapes(spec, rows: int, history: int | None) -> tuple:
     samp = batch_arrays([], rows, penalties=history is not None)
     if history is not None:
         samp |= history_arrays([], [], rows, history)
-    samp = {k: _spec(v.shape, v.dtype) for k, v in samp.items()}
-    return samp, _spec((rows,), np.uint32), _spec((rows,), np.int32)
+    samp = {k: spec(v.shape, v.dtype) for k, v in samp.items()}
+    return samp, spec((rows,), np.uint32), spec((rows,), np.int32)
+
+
+def _spec_maker(tp: TensorParallel | None):
+    """Abstract host-fed arrays: on the default device, or replicated over `tp`'s mesh."""
+    sharding = None if tp is None else tp.replicated
+    return lambda shape, dtype: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
 
 
 def prefill_arg_shapes(params, cache: KVCache, num_tokens: int, rows: int, max_blocks: int,
-                       history: int | None = None) -> tuple:
+                       history: int | None = None, tp: TensorParallel | None = None) -> tuple:
     """`prefill_step`'s arguments for a bucket of `num_tokens` tokens from at most `rows` sequences (abstract,
     for compiling ahead); `history`: the token history's width, for the penalty variant."""
-    i32 = np.int32
-    meta = AttentionMetadata(_spec((rows, max_blocks), i32), _spec((rows,), i32), _spec((rows + 1,), i32),
-                             _spec((num_tokens,), i32), decode=False)
-    return (params, cache, _spec((num_tokens,), i32), _spec((num_tokens,), i32), meta, _spec((rows,), i32),
-            _spec((num_tokens,), i32), *_sampling_shapes(rows, history))
+    i32, spec = np.int32, _spec_maker(tp)
+    meta = AttentionMetadata(spec((rows, max_blocks), i32), spec((rows,), i32), spec((rows + 1,), i32),
+                             spec((num_tokens,), i32), decode=False)
+    return (params, cache, spec((num_tokens,), i32), spec((num_tokens,), i32), meta, spec((rows,), i32),
+            spec((num_tokens,), i32), *_sampling_shapes(spec, rows, history))
 
 
-def decode_arg_shapes(params, cache: KVCache, rows: int, max_blocks: int, history: int | None = None) -> tuple:
+def decode_arg_shapes(params, cache: KVCache, rows: int, max_blocks: int, history: int | None = None,
+                      tp: TensorParallel | None = None) -> tuple:
     """`decode_step`'s arguments for a bucket of `rows` rows (abstract, for compiling ahead); `history`: the token
     history's width, for the penalty variant."""
-    i32 = np.int32
-    return (params, cache, _spec((rows,), i32), _spec((rows,), i32), _spec((rows,), i32),
-            _spec((rows, max_blocks), i32), *_sampling_shapes(rows, history))
+    i32, spec = np.int32, _spec_maker(tp)
+    return (params, cache, spec((rows,), i32), spec((rows,), i32), spec((rows,), i32),
+            spec((rows, max_blocks), i32), *_sampling_shapes(spec, rows, history))
 
 
 class StepCompiler:
     """Compiled prefill and decode executables, one per (shape bucket, StepOptions); `compile_all` builds a set
     of them concurrently (XLA compiles in parallel threads) before serving."""
 
-    def __init__(self, config: Qwen3Config, kernels: Kernels, num_steps: int):
-        self.config, self.kernels, self.num_steps = config, kernels, num_steps
+    def __init__(self, config: Qwen3Config, kernels: Kernels, num_steps: int, tp: TensorParallel | None = None):
+        self.config, self.kernels, self.num_steps, self.tp = config, kernels, num_steps, tp
         self._compiled: dict = {}
         self._sizes: dict[tuple[str, StepOptions], set[int]] = {}  # step sizes compiled per (kind, options)
         self.compile_seconds = 0.0  # spent compiling so far, at start-up and on first use
 
     def _jit(self, kind: str, opts: StepOptions):
         fn = prefill_step if kind == "prefill" else functools.partial(decode_step, num_steps=self.num_steps)
-        return jax.jit(functools.partial(fn, config=self.config, kernels=self.kernels, opts=opts),
+        return jax.jit(functools.partial(fn, config=self.config, kernels=self.kernels, opts=opts, tp=self.tp),
                        donate_argnames="cache")
 
     def get(self, kind: str, opts: StepOptions, args: tuple):

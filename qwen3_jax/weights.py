@@ -200,12 +200,15 @@ def _open(path: Path):
 
 
 def load_params(model_dir: str | Path, config: Qwen3Config, *, dtype=None, device=None, quantize: str | None = None,
-                modules_to_not_convert: tuple[str, ...] = ()) -> dict:
+                modules_to_not_convert: tuple[str, ...] = (), parallel=None) -> dict:
     """Read the checkpoint in `model_dir` into the params pytree on `device`, cast to `dtype` (default config's).
 
     `quantize` ('int8', 'int4') quantizes every linear layer but those `modules_to_not_convert` names (HF module
     names or patterns, as transformers matches them: 'lm_head', 'mlp.down_proj', 'model.layers.0'). FP8 and AWQ
-    checkpoints (config.json `quantization_config`) load quantized as published."""
+    checkpoints (config.json `quantization_config`) load quantized as published.
+
+    With `parallel` (a `parallel.TensorParallel`) the params are laid out over its devices, each device's part
+    read as slices of the tensors (`TensorParallel.make_param`): no device or host holds a whole sharded tensor."""
     model_dir = Path(model_dir)
     dtype = np.dtype(dtype or config.jnp_dtype)
     device = device or jax.devices()[0]
@@ -215,6 +218,10 @@ def load_params(model_dir: str | Path, config: Qwen3Config, *, dtype=None, devic
     if quantize is not None and quant is not None:
         raise WeightsError(f"{model_dir}: the checkpoint is already quantized ({quant.method}); load it without "
                            f"quantize={quantize!r}")
+    if parallel is not None and (quantize is not None or quant is not None):
+        what = f"quantize={quantize!r}" if quantize is not None else f"this {quant.method} checkpoint"
+        raise WeightsError(f"{model_dir}: tensor parallelism does not yet split quantized weights ({what}); load "
+                           "a bf16 checkpoint, or run on one device")
     key_file = _key_to_file(model_dir)
     expected = checkpoint_tensors(config, quant)
 
@@ -247,19 +254,26 @@ def load_params(model_dir: str | Path, config: Qwen3Config, *, dtype=None, devic
         def read(key):
             return _read(handles[key_file[key]], key, key_file[key])
 
+        def read_float(key, index=None):  # cast to dtype, NaN / Inf refused by name
+            a = read(key) if index is None else _read_slice(handles[key_file[key]], key, key_file[key], index)
+            a = a.astype(dtype, copy=False)
+            if not _all_finite(a):
+                raise WeightsError(f"{key_file[key]}: tensor '{key}' holds NaN or Inf values (a corrupt or badly "
+                                   "converted checkpoint)")
+            return a
+
         total = sum(int(np.prod(s)) for s, _ in expected.values()) * dtype.itemsize
         params = {"layers": [{} for _ in range(config.num_hidden_layers)]}
         with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", delay=2.0, leave=False) as bar:
             for path, (keys, shape) in weight_table(config).items():
                 modules = [k[: -len(".weight")] for k in keys]
-                if quant is not None and _is_linear(keys[0]) and any(quant.converts(m) for m in modules):
+                if parallel is not None:
+                    value = parallel.make_param(path[-1], config,
+                                                lambda part, index, keys=keys: read_float(keys[part], index))
+                elif quant is not None and _is_linear(keys[0]) and any(quant.converts(m) for m in modules):
                     value = _read_quantized(read, modules, quant, dtype, device)
                 else:
-                    arrays = [read(k).astype(dtype, copy=False) for k in keys]
-                    for k, a in zip(keys, arrays):
-                        if not _all_finite(a):
-                            raise WeightsError(f"{key_file[k]}: tensor '{k}' holds NaN or Inf values (a corrupt or "
-                                               "badly converted checkpoint)")
+                    arrays = [read_float(k) for k in keys]
                     value = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
                     value = jax.device_put(value, device)
                     if quantize is not None and _is_linear(keys[0]) and all(
@@ -308,6 +322,14 @@ def _read(handle, key: str, path: Path) -> np.ndarray:
         if handle.get_slice(key).get_dtype() == "F8_E4M3":
             return _read_raw(path, key, np.dtype(jnp.float8_e4m3fn))
         return handle.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: cannot read tensor '{key}' ({e})") from None
+
+
+def _read_slice(handle, key: str, path: Path, index: tuple) -> np.ndarray:
+    """Part of a float tensor (`index`: a slice per leading dim), read without reading the rest."""
+    try:
+        return handle.get_slice(key)[index]
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: cannot read tensor '{key}' ({e})") from None
 

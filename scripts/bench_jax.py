@@ -87,7 +87,8 @@ def greedy(max_tokens: int, temperature: float = 0.0, seed: int | None = None) -
 
 def cache_pointers(llm: q.LLM) -> tuple:
     """Device addresses of the engine's KV pool buffers: unchanged across a step iff the step updated it in place."""
-    return tuple(x.unsafe_buffer_pointer() for x in jax.tree.leaves(llm.engine.cache))
+    return tuple(s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(llm.engine.cache)
+                 for s in x.addressable_shards)  # each device's part of a split pool
 
 
 class JaxEngine:

@@ -87,7 +87,8 @@ PRESETS = {
 }
 KINDS = ("startup", "decode", "prefill", "throughput", "shared-prefix")  # each engine runs them in this order
 ENGINES = {  # name -> the workload kinds it runs; the order is the run order: JAX before torch, hf-compile last
-    "jax-pallas": KINDS, "jax-xla": KINDS, "hf-eager": ("decode", "prefill"), "hf-cb": ("throughput",),
+    "jax-pallas": KINDS, "jax-pallas-tp": KINDS, "jax-xla": KINDS, "hf-eager": ("decode", "prefill"),
+    "hf-cb": ("throughput",),
     "hf-compile": ("decode",)}
 PALLAS_OPS = tuple(f.name for f in dataclasses.fields(q.Kernels) if f.name != "interpret")
 NANO_VLLM_IDS = 10_000  # nano-vllm's benchmark draws prompt ids below 10,000
@@ -272,6 +273,7 @@ def run_benchmark(args) -> dict:
         "meta": {"model": model_name, "config": dataclasses.asdict(config), **run_meta(args.command, args.commit),
                  "decode_steps": args.decode_steps, "engine_options": options,
                  "pallas_ops": args.pallas_ops or "all", "temperature": args.temperature,
+                 "tensor_parallel": args.tensor_parallel,
                  "params": config.num_params(), "weight_bytes": config.num_params() * itemsize(config)},
         "rows": [],
     }
@@ -283,9 +285,11 @@ def run_benchmark(args) -> dict:
     for name in args.engines:
         if name.startswith("jax-"):
             kernels = q.Kernels.reference() if name == "jax-xla" else q.Kernels.pallas()
-            if name == "jax-pallas" and args.pallas_ops is not None:  # an ablation: the other ops on references
+            if name.startswith("jax-pallas") and args.pallas_ops is not None:  # an ablation: the other ops on references
                 kernels = q.Kernels(**dict.fromkeys(args.pallas_ops, True), interpret=kernels.interpret)
             model = q.Qwen3(config, params, tokenizer=None, generation_config={}, kernels=kernels)
+            if name == "jax-pallas-tp":  # the kernels, split over --tensor-parallel devices
+                model = model.with_tensor_parallel(args.tensor_parallel)
             engines[name] = JaxEngine(name, model, options)
 
     # The JAX engines run first, every workload, before torch launches a kernel in this process: once it has (an HF
@@ -576,6 +580,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma list of {', '.join(ENGINES)} (default: all; on a CPU: jax-xla, hf-eager, hf-cb, as "
                         "jax-pallas runs in interpret mode and hf-compile compiles for minutes there)")
     p.add_argument("--skip-compile", action="store_true", help="drop hf-compile (it compiles for minutes)")
+    p.add_argument("--tensor-parallel", type=int, metavar="N",
+                   help="split the jax-pallas-tp engine's model over N devices (given, it joins the default engines; "
+                        "N=1 runs the sharded code path on one device, to set beside jax-pallas)")
     p.add_argument("--workloads", type=_names, default=list(KINDS), help=f"comma list of {', '.join(KINDS)}")
     p.add_argument("--batches", type=_ints, help=f"decode batch sizes (default {DEFAULTS['batches']})")
     p.add_argument("--prompts", type=_ints, help=f"decode prompt lengths (default {DEFAULTS['prompts']})")
@@ -628,9 +635,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--pallas-ops: unknown op(s) {sorted(set(args.pallas_ops) - set(PALLAS_OPS))}; "
                 f"choose from {', '.join(PALLAS_OPS)}")
     if args.engines is None:
-        args.engines = list(ENGINES)
+        args.engines = [e for e in ENGINES if e != "jax-pallas-tp" or args.tensor_parallel is not None]
         if jax.default_backend() == "cpu" and not args.from_json:
-            args.engines = [e for e in args.engines if e not in ("jax-pallas", "hf-compile")]
+            args.engines = [e for e in args.engines if e not in ("jax-pallas", "jax-pallas-tp", "hf-compile")]
+    if args.tensor_parallel is None:
+        args.tensor_parallel = 1
+    elif args.tensor_parallel < 1:
+        p.error("--tensor-parallel must be at least 1")
     bad = [e for e in args.engines if e not in ENGINES]
     if bad:
         p.error(f"unknown engine(s) {bad}; choose from {', '.join(ENGINES)}")

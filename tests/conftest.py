@@ -4,6 +4,9 @@ import os
 
 # Before jax is imported: `pytest -n 8` runs eight processes on one GPU, and each would otherwise take 75% of it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# Eight CPU devices, for the tensor-parallel tests (test_parallel.py); everything else runs on the first.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -50,6 +50,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="quantize the linear layers' weights at load (FP8 and AWQ checkpoints load quantized as is)")
     e.add_argument("--kernels", default="auto", choices=["auto", "pallas", "reference"],
                    help="Pallas kernels (auto: on a GPU) or the pure-jnp reference ops")
+    add_parallel_arguments(parser, processes=True)
     e.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output (default: the model's max_position_embeddings)")
     e.add_argument("--max-num-seqs", type=int, default=None, help="most sequences running at once (default 256)")
@@ -66,6 +67,43 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     e.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=True,
                    help="compile every step bucket before serving (--no-precompile: on first use)")
     return parser
+
+
+def device_ids(text: str) -> list[int]:
+    """--devices: a comma list of device ids ('0,1,2,3')."""
+    try:
+        ids = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a comma list of device ids such as 0,1, got {text!r}") from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"device ids are >= 0, got {text!r}")
+    return ids
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser, *, processes: bool = False) -> None:
+    """--tensor-parallel and --devices; with `processes`, the flags of a multi-process (multi-host) run."""
+    g = parser.add_argument_group("tensor parallelism")
+    g.add_argument("--tensor-parallel", "-tp", type=_at_least_one, default=None, metavar="N",
+                   help="split the model over N devices (in all processes; default: one device, unsplit)")
+    g.add_argument("--devices", type=device_ids, default=None, metavar="IDS",
+                   help="which devices, as a comma list of JAX device ids (default: the first N)")
+    if not processes:
+        return
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="several processes (one per host or per GPU): process 0's address, the same for all; "
+                        "process 0 serves HTTP, the others follow its steps")
+    g.add_argument("--num-processes", type=_at_least_one, default=None, help="processes in all (with --coordinator)")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. N-1 (with --coordinator)")
 
 
 _ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks",
@@ -94,11 +132,17 @@ def serve(args) -> int:
     import time
 
     t0 = time.perf_counter()
+    multi = _check_processes(args)
+    if multi:
+        from .. import distributed
+
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     log.info("loading %s", args.model)
     from ..engine import EngineOptions, LLMEngine
     from ..generate import load
 
-    model = load(args.model, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize)
+    model = load(args.model, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize,
+                 tensor_parallel=args.tensor_parallel, devices=args.devices)
     log.info("loaded %s (%s, %.2f B params) in %.1f s", args.model, model.config.dtype,
              model.config.num_params() / 1e9, time.perf_counter() - t0)
     options = {k: getattr(args, k) for k in _ENGINE_FLAGS if getattr(args, k) is not None}
@@ -108,9 +152,33 @@ def serve(args) -> int:
     log.info("engine ready in %.1f s (compile %.1f s): max_model_len %d, max_num_seqs %d, %d KV blocks",
              time.perf_counter() - t0, engine.compile_s, engine.options.max_model_len, engine.options.max_num_seqs,
              engine.blocks.num_blocks)
+    if multi and not distributed.is_leader():
+        distributed.follow(engine)  # until process 0 stops serving
+        return 0
+    if multi:
+        engine = distributed.LockstepEngine(engine)
     names = args.served_model_name or [args.model, Path(args.model).name]
-    return run_server(model, engine, server_config(args, names), host=args.host, port=args.port,
-                      log_level=args.log_level)
+    try:
+        return run_server(model, engine, server_config(args, names), host=args.host, port=args.port,
+                          log_level=args.log_level)
+    finally:
+        if multi:
+            engine.shutdown()
+
+
+def _check_processes(args) -> bool:
+    """Whether this is one process of several (--coordinator), with the flags that go with it."""
+    given = [f for f in ("coordinator", "num_processes", "process_id") if getattr(args, f, None) is not None]
+    if not given:
+        return False
+    if len(given) < 3:
+        raise ValueError("a multi-process run needs --coordinator, --num-processes and --process-id together")
+    if not 0 <= args.process_id < args.num_processes:
+        raise ValueError(f"--process-id {args.process_id} is not in 0 .. {args.num_processes - 1}")
+    if args.tensor_parallel is None:
+        raise ValueError("a multi-process run splits the model over every process's devices: give "
+                         "--tensor-parallel (the number of devices in all processes)")
+    return True
 
 
 def run_server(model, engine, config, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
