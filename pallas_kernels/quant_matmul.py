@@ -28,14 +28,17 @@ from jax.experimental.pallas import triton as plgpu
 FORMATS = ("int8", "int4", "fp8")
 _QDTYPES = {"int8": jnp.dtype(jnp.int8), "int4": jnp.dtype(jnp.uint8), "fp8": jnp.dtype(jnp.float8_e4m3fn)}
 _FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-_TARGET_PROGRAMS = 264  # two per SM of an H100/H200: enough programs in flight to stream the weight at full rate
+# default_block's knobs, fitted to an H200 sweep's best tilings (.bench/quant_sweep.py; BENCHMARKS.md).
+_TARGET_PROGRAMS = {"int8": 384, "int4": 1024, "fp8": 384}  # K is split in two while the programs stay within this
+_BLOCK_K = {"int8": 256, "int4": 256, "fp8": 128}  # input channels per step at decode rows (int4 / fp8: whole groups)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantMatmulBlock:
     """Tiling of one program: `block_m` rows of x (>= 16, Triton's smallest dot), `block_n` output channels,
-    `block_k` input channels per step (int8 only: the grouped formats step one group at a time), the K range
-    split over `num_splits` programs (partial sums added after), Triton warps and pipeline stages."""
+    `block_k` input channels per step (int4 / fp8: a multiple of group_size, each group in the step scaled
+    separately), the K range split over `num_splits` programs (partial sums added after), Triton warps and
+    pipeline stages."""
 
     block_m: int = 16
     block_n: int = 64
@@ -46,13 +49,20 @@ class QuantMatmulBlock:
 
 
 def default_block(m: int, n: int, k: int, fmt: str, group_size: int = 128) -> QuantMatmulBlock:
-    """A starting tiling for x [m, k] against an [n, k] weight: enough programs (splitting K) to stream the weight."""
+    """A tiling for x [m, k] against an [n, k] weight: 64 output channels a program (32 for a narrow weight),
+    _BLOCK_K input channels a step (int4 / fp8 above 16 rows: one group), K split in two while there are at most
+    _TARGET_PROGRAMS programs."""
     block_m = min(64, max(16, pl.next_power_of_2(m)))
-    block_n = 64 if n >= 64 * 128 else 32
-    block_k = group_size if fmt != "int8" else 256
+    block_n = 32 if n <= (1024 if block_m == 16 else 4096) else 64
+    if fmt == "int8":
+        block_k = _BLOCK_K[fmt]
+    else:
+        block_k = group_size * max(1, _BLOCK_K[fmt] // group_size) if block_m == 16 else group_size
     steps = pl.cdiv(k, block_k)
-    programs = pl.cdiv(n, block_n) * pl.cdiv(m, block_m)
-    num_splits = max(1, min(steps // 4, _TARGET_PROGRAMS // programs)) if programs < _TARGET_PROGRAMS else 1
+    tiles = pl.cdiv(n, block_n) * pl.cdiv(m, block_m)
+    num_splits = 1
+    while tiles * num_splits * 2 <= _TARGET_PROGRAMS[fmt] and num_splits * 2 <= steps:
+        num_splits *= 2
     return QuantMatmulBlock(block_m=block_m, block_n=block_n, block_k=block_k, num_splits=num_splits,
                             num_warps=4, num_stages=3)
 
@@ -63,10 +73,12 @@ def _dot_t(a, b):
                            preferred_element_type=jnp.float32)
 
 
-def _quant_matmul_kernel(*refs, fmt, m, n, k, block_m, block_n, block_k, steps_per_split):
+def _quant_matmul_kernel(*refs, fmt, m, n, k, group_size, block_m, block_n, block_k, steps_per_split):
     # refs: x [M, K], qweight, scales, [zeros], out ([M, N], or [splits, M, N] f32 partial sums). Whole-array refs;
     # this program owns rows [i_m * block_m, +block_m), channels [i_n * block_n, +block_n) and K steps
-    # [split * steps_per_split, +steps_per_split) of block_k each, masked to the real shape.
+    # [split * steps_per_split, +steps_per_split) of block_k each, masked to the real shape. int4 / fp8: a step
+    # covers block_k / group_size groups, each its own dot times its own [bn] scales, added in group order (the
+    # same sums as one group a step).
     if fmt == "int4":
         x_ref, q_ref, s_ref, z_ref, o_ref = refs
     else:
@@ -80,31 +92,40 @@ def _quant_matmul_kernel(*refs, fmt, m, n, k, block_m, block_n, block_k, steps_p
     total_steps = pl.cdiv(k, block_k)
     first = split * steps_per_split
     last = jnp.minimum(first + steps_per_split, total_steps)
+    if fmt != "int8":
+        n_groups, groups_per_step = s_ref.shape[-1], block_k // group_size  # G, and the groups in a step
 
     def load_x(k0, width):
         k_ok = k0 + jnp.arange(width) < k
         return plgpu.load(x_ref.at[rows, pl.ds(k0, width)], mask=row_ok[:, None] & k_ok[None, :], other=0)
 
+    def group_part(g):
+        """x @ the unscaled group g of the weight's [bn] channels, [bm, bn] f32; zero past the last group."""
+        k0 = g * group_size
+        if fmt == "fp8":
+            k_ok = col_ok[:, None] & (k0 + jnp.arange(group_size) < k)[None, :]
+            q = plgpu.load(q_ref.at[cols, pl.ds(k0, group_size)], mask=k_ok)  # Triton has no fp8 `other`
+            return _dot_t(load_x(k0, group_size), jnp.where(k_ok, q.astype(dtype), 0))
+        # int4: the group's two halves in the low and high nibbles of group_size / 2 bytes
+        half = group_size // 2
+        ok = col_ok & (g < n_groups)  # [bn]
+        packed = plgpu.load(q_ref.at[cols, pl.ds(g * half, half)], mask=ok[:, None], other=0).astype(jnp.int32)
+        z = plgpu.load(z_ref.at[cols, g], mask=ok, other=0).astype(jnp.int32)[:, None]  # [bn, 1]
+        lo = ((packed & 0xF) - z).astype(dtype)  # [bn, half]: integers in [-15, 15], exact in any float
+        hi = ((packed >> 4) - z).astype(dtype)
+        return _dot_t(load_x(k0, half), lo) + _dot_t(load_x(k0 + half, half), hi)
+
     def body(step, acc):
-        k0 = step * block_k
         if fmt == "int8":
+            k0 = step * block_k
             k_ok = k0 + jnp.arange(block_k) < k
             q = plgpu.load(q_ref.at[cols, pl.ds(k0, block_k)], mask=col_ok[:, None] & k_ok[None, :], other=0)
             return acc + _dot_t(load_x(k0, block_k), q.astype(dtype))  # [bm, bn]
-        s = plgpu.load(s_ref.at[cols, step], mask=col_ok, other=0).astype(jnp.float32)  # [bn]
-        if fmt == "fp8":
-            k_ok = col_ok[:, None] & (k0 + jnp.arange(block_k) < k)[None, :]
-            q = plgpu.load(q_ref.at[cols, pl.ds(k0, block_k)], mask=k_ok)  # Triton has no fp8 `other`
-            part = _dot_t(load_x(k0, block_k), jnp.where(k_ok, q.astype(dtype), 0))
-        else:  # int4: one group, its two halves in the low and high nibbles of block_k / 2 bytes
-            half = block_k // 2
-            packed = plgpu.load(q_ref.at[cols, pl.ds(step * half, half)], mask=col_ok[:, None], other=0)
-            z = plgpu.load(z_ref.at[cols, step], mask=col_ok, other=0).astype(jnp.int32)[:, None]  # [bn, 1]
-            packed = packed.astype(jnp.int32)
-            lo = ((packed & 0xF) - z).astype(dtype)  # [bn, half]: integers in [-15, 15], exact in any float
-            hi = ((packed >> 4) - z).astype(dtype)
-            part = _dot_t(load_x(k0, half), lo) + _dot_t(load_x(k0 + half, half), hi)
-        return acc + part * s[None, :]
+        for j in range(groups_per_step):  # unrolled: one dot and one scale per group
+            g = step * groups_per_step + j
+            s = plgpu.load(s_ref.at[cols, g], mask=col_ok & (g < n_groups), other=0).astype(jnp.float32)  # [bn]
+            acc = acc + group_part(g) * s[None, :]
+        return acc
 
     acc = lax.fori_loop(first, last, body, jnp.zeros((block_m, block_n), jnp.float32))
     if fmt == "int8":
@@ -149,9 +170,9 @@ def _check_args(x, qweight, scales, zeros, fmt, in_features, group_size, block):
             v = getattr(block, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"block.{name} must be a power of two >= 16, got {v}")
-        if fmt != "int8" and block.block_k != group_size:
-            raise ValueError(f"{fmt} steps one group at a time: block.block_k must equal group_size {group_size}, "
-                             f"got {block.block_k}")
+        if fmt != "int8" and block.block_k % group_size:
+            raise ValueError(f"{fmt} steps whole groups: block.block_k must be a multiple of group_size "
+                             f"{group_size}, got {block.block_k}")
         if block.num_splits < 1:
             raise ValueError(f"block.num_splits must be >= 1, got {block.num_splits}")
 
@@ -171,8 +192,9 @@ def quant_matmul(x, qweight, scales, zeros=None, *, fmt: str, in_features: int, 
     num_splits = min(block.num_splits, total_steps)
     steps_per_split = pl.cdiv(total_steps, num_splits)
     num_splits = pl.cdiv(total_steps, steps_per_split)  # no empty splits
-    kernel = functools.partial(_quant_matmul_kernel, fmt=fmt, m=m, n=n, k=k, block_m=block.block_m,
-                               block_n=block.block_n, block_k=block.block_k, steps_per_split=steps_per_split)
+    kernel = functools.partial(_quant_matmul_kernel, fmt=fmt, m=m, n=n, k=k, group_size=group_size,
+                               block_m=block.block_m, block_n=block.block_n, block_k=block.block_k,
+                               steps_per_split=steps_per_split)
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
     else:

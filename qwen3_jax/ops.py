@@ -15,9 +15,10 @@ from pallas_kernels import rms_norm as _rms
 
 from .quantize import QuantizedWeight, TiedEmbedding
 
-# Rows (tokens) up to which a quantized linear runs the Pallas dequantize-matmul kernel; above, XLA multiplies by
-# the converted weight. A decode-batch figure, to be tuned on the GPU (BENCHMARKS.md).
-QUANT_KERNEL_MAX_ROWS = 64
+# Rows (tokens), per weight format, up to which a quantized linear runs the Pallas dequantize-matmul kernel; above,
+# XLA multiplies by the converted weight. From an H200 sweep (BENCHMARKS.md): XLA's int8 dot is the faster at 64
+# rows, its int4 / fp8 dequantize-then-dot several times slower.
+QUANT_KERNEL_MAX_ROWS = {"int8": 16, "int4": 64, "fp8": 64}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,12 +97,12 @@ def embed(table, tokens: jax.Array, axis: str | None = None) -> jax.Array:
 
 
 def quantized_linear(x: jax.Array, w: QuantizedWeight, k: Kernels | None = None) -> jax.Array:
-    """x @ dequantize(w).T: the Pallas dequantize-matmul kernel for up to QUANT_KERNEL_MAX_ROWS rows when
+    """x @ dequantize(w).T: the Pallas dequantize-matmul kernel for up to QUANT_KERNEL_MAX_ROWS[w.fmt] rows when
     `k.quant_matmul`, else XLA's dot over the weight converted to x's dtype."""
     use_kernel = k is not None and k.quant_matmul
     rows = x.size // x.shape[-1]
     args = dict(fmt=w.fmt, in_features=w.in_features, group_size=w.group_size)
-    if use_kernel and rows <= QUANT_KERNEL_MAX_ROWS:
+    if use_kernel and rows <= QUANT_KERNEL_MAX_ROWS[w.fmt]:
         return _qm.quant_matmul(x, w.qweight, w.scales, w.zeros, **args, interpret=k.interpret)
     if w.fmt == "int8":  # exact int8 -> activation-dtype products, the per-channel scale after the sum
         precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None

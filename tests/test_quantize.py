@@ -68,7 +68,7 @@ def test_linear_dispatch_kernel_and_xla_agree(fmt):
     xla = ops.linear(x, qw, q.Kernels())
     np.testing.assert_allclose(np.asarray(kernel), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(xla), want, rtol=1e-5, atol=1e-6)
-    wide = jnp.ones((ops.QUANT_KERNEL_MAX_ROWS + 1, 256), jnp.float32)  # past the threshold: XLA, no kernel
+    wide = jnp.ones((ops.QUANT_KERNEL_MAX_ROWS[fmt] + 1, 256), jnp.float32)  # past the threshold: XLA, no kernel
     assert "pallas_call" not in str(jax.make_jaxpr(lambda a: ops.linear(a, qw, q.Kernels.pallas(True)))(wide))
     assert "pallas_call" in str(jax.make_jaxpr(lambda a: ops.linear(a, qw, q.Kernels.pallas(True)))(x))
 
