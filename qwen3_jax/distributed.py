@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
+import time
 
 import jax
 import numpy as np
@@ -52,13 +54,28 @@ def is_leader() -> bool:
 
 class LockstepEngine:
     """Process 0's handle on an `LLMEngine` run by every process: `LLMEngine`'s interface, with each `step`
-    preceded by a broadcast of the requests added and aborted since the last one. `shutdown` releases the others."""
+    preceded by a broadcast of the requests added and aborted since the last one. While no step runs (an idle
+    server), a broadcast every `heartbeat_s` seconds keeps the others' waiting collective from timing out.
+    `shutdown` releases the others."""
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, heartbeat_s: float = 10.0):
         if not is_leader():
             raise RuntimeError("only process 0 drives the engine; the other processes call follow(engine)")
         self.engine = engine
+        self.heartbeat_s = heartbeat_s
         self._commands: list = []
+        # One broadcast-and-step at a time: every process must meet the collectives in the same order.
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self._closed = threading.Event()
+        threading.Thread(target=self._heartbeat, name="qwen3-jax-heartbeat", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        while not self._closed.wait(self.heartbeat_s / 4):
+            with self._lock:
+                if not self._closed.is_set() and time.monotonic() - self._last >= self.heartbeat_s:
+                    _broadcast([["idle"]])
+                    self._last = time.monotonic()
 
     def add_request(self, request_id, prompt_token_ids, params: SamplingParams | None = None) -> str:
         rid = self.engine.add_request(request_id, prompt_token_ids, params)  # validated here first
@@ -75,16 +92,23 @@ class LockstepEngine:
         return aborted
 
     def step(self):
-        _broadcast(self._commands)
-        self._commands = []
-        return self.engine.step()
+        with self._lock:
+            commands, self._commands = self._commands, []
+            _broadcast(commands)
+            outputs = self.engine.step()
+            self._last = time.monotonic()
+        return outputs
 
     generate = LLMEngine.generate  # add_request / step / abort_request, through this class's
 
     def shutdown(self) -> None:
         """Tell the other processes to stop following (after the commands not yet sent)."""
-        _broadcast(self._commands + [["stop"]])
-        self._commands = []
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            _broadcast(self._commands + [["stop"]])
+            self._commands = []
 
     def __getattr__(self, name):  # everything else (has_unfinished_requests, seqs, stats, ...) is the engine's
         return getattr(self.engine, name)
@@ -96,6 +120,7 @@ def follow(engine: LLMEngine) -> None:
         raise RuntimeError("process 0 drives the engine (LockstepEngine); follow() is for the other processes")
     log.info("process %d: following process 0's steps", jax.process_index())
     while True:
+        step = True
         for command in _receive():
             if command[0] == "stop":
                 log.info("process %d: process 0 shut down", jax.process_index())
@@ -103,9 +128,12 @@ def follow(engine: LLMEngine) -> None:
             if command[0] == "add":
                 _, rid, prompt, params = command
                 engine.add_request(rid, prompt, _sampling_params(params))
-            else:
+            elif command[0] == "abort":
                 engine.abort_request(command[1])
-        engine.step()
+            else:  # "idle": process 0 is waiting for requests
+                step = False
+        if step:
+            engine.step()
 
 
 def _sampling_params(fields: dict) -> SamplingParams:

@@ -159,7 +159,7 @@ class TensorParallel:
             if len(set(chosen)) != len(chosen):
                 raise ValueError(f"devices {list(devices)!r} names a device twice")
             if len(chosen) != size:
-                raise ValueError(f"tensor_parallel={size} but {len(chosen)} devices were given")
+                raise ValueError(f"tensor_parallel={size} but devices lists {len(chosen)}: give one id per device")
         return cls(Mesh(np.array(chosen), (AXIS,)))
 
     @property

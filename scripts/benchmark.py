@@ -285,7 +285,7 @@ def run_benchmark(args) -> dict:
     for name in args.engines:
         if name.startswith("jax-"):
             kernels = q.Kernels.reference() if name == "jax-xla" else q.Kernels.pallas()
-            if name.startswith("jax-pallas") and args.pallas_ops is not None:  # an ablation: the other ops on references
+            if name.startswith("jax-pallas") and args.pallas_ops is not None:  # ablation: other ops on references
                 kernels = q.Kernels(**dict.fromkeys(args.pallas_ops, True), interpret=kernels.interpret)
             model = q.Qwen3(config, params, tokenizer=None, generation_config={}, kernels=kernels)
             if name == "jax-pallas-tp":  # the kernels, split over --tensor-parallel devices

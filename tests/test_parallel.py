@@ -73,7 +73,7 @@ def one_device(ckpt):
     return q.load(ckpt, dtype="float32", kernels="reference")
 
 
-@pytest.mark.parametrize("size", [2, 4, 8])
+@pytest.mark.parametrize("size", [1, 2, 4, 8])
 def test_logits_equal_one_device(ckpt, one_device, size):
     model = q.load(ckpt, dtype="float32", kernels="reference", tensor_parallel=size)
     tokens = np.random.default_rng(size).integers(0, one_device.config.vocab_size, 37).tolist()
@@ -167,6 +167,18 @@ def test_donated_pool_is_aliased(ckpt):
     assert engine.cache.k[0].sharding.is_equivalent_to(before.sharding, 4)
 
 
+def test_command_line_splits_the_model(ckpt, capsys):
+    """`qwen3-jax generate -tp 4` prints what the unsplit model prints."""
+    from qwen3_jax import cli
+
+    argv = ["generate", "--model", str(ckpt), "--kernels", "reference", "--dtype", "float32", "--greedy",
+            "--prompt", "hello world", "--max-new-tokens", "6", "--no-compilation-cache", "--no-stream"]
+    assert cli.main(argv) == 0
+    want = capsys.readouterr().out
+    assert cli.main(argv + ["-tp", "4"]) == 0
+    assert capsys.readouterr().out == want and want.strip()
+
+
 def test_replicated_kv_heads_rule():
     config = q.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=8, num_key_value_heads=2, head_dim=8)
@@ -199,7 +211,7 @@ def test_bad_device_choices_are_refused(ckpt, one_device):
         q.load(ckpt, tensor_parallel=2, devices=[0, 0])
     with pytest.raises(ValueError, match="is not one of the devices"):
         q.load(ckpt, tensor_parallel=2, devices=[0, 99])
-    with pytest.raises(ValueError, match="tensor_parallel=2 but 3 devices"):
+    with pytest.raises(ValueError, match="tensor_parallel=2 but devices lists 3"):
         q.load(ckpt, tensor_parallel=2, devices=[0, 1, 2])
     with pytest.raises(q.WeightsError, match="does not yet split quantized weights"):
         q.load(ckpt, tensor_parallel=2, quantize="int8")

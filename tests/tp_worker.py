@@ -1,6 +1,6 @@
 """One process of a two-process tensor-parallel run (test_parallel.py starts two): jax.distributed over CPU
-collectives, one CPU device each, the model split over both. Process 0 generates and writes the tokens as JSON;
-process 1 follows its steps.
+collectives, one CPU device each, the model split over both. Process 0 generates (two batches, idle between them)
+and writes the tokens as JSON; process 1 follows its steps.
 
     python tests/tp_worker.py CHECKPOINT PORT PROCESS_ID OUT_JSON
 """
@@ -8,6 +8,7 @@ process 1 follows its steps.
 import json
 import os
 import sys
+import time
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"  # one device per process
 
@@ -28,7 +29,10 @@ def main(ckpt: str, port: str, process_id: str, out: str) -> None:
     if not distributed.is_leader():
         llm.follow()
         return
-    outs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    llm.engine.heartbeat_s = 0.2
+    outs = llm.generate(PROMPTS[:2], PARAMS[:2], use_tqdm=False)
+    time.sleep(1.5)  # idle: process 1 waits through heartbeats
+    outs += llm.generate(PROMPTS[2:], PARAMS[2:], use_tqdm=False)
     llm.shutdown()
     devices = sorted({s.device.process_index for s in llm.model.params["norm"].global_shards})
     with open(out, "w") as f:
