@@ -21,68 +21,15 @@ import jax
 import numpy as np
 
 from .block_manager import BlockManager
-from .kv_cache import AttentionMetadata, CacheOverflowError, KVCache, blocks_for_memory, check_block_size
-from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .kv_cache import AttentionMetadata, CacheOverflowError, KVCache, blocks_for_memory
+from .options import EngineOptions, buckets, engine_options
+from .outputs import CompletionOutput, OutputText, RequestMetrics, RequestOutput
 from .parallel import local_config
 from .sampling import SamplingParams, batch_arrays, history_arrays
 from .scheduler import DecodeBatch, PrefillBatch, Scheduler, Sequence, Status
 from .steps import StepCompiler, StepOptions, decode_arg_shapes, prefill_arg_shapes
-from .tokenizer import StreamDecoder
 
 log = logging.getLogger("qwen3_jax")
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineOptions:
-    """Engine settings, with vLLM's names. None picks the default described beside each field."""
-
-    max_model_len: int | None = None  # longest prompt + output; default: the config's context (max_context_len)
-    max_num_seqs: int = 256  # most sequences running at once (the largest decode batch)
-    max_num_batched_tokens: int = 8192  # token budget of one prefill step (chunked prefill)
-    block_size: int = 64  # positions per KV block (a power of two >= 16: one attention key tile)
-    num_blocks: int | None = None  # KV blocks in the pool; default: from gpu_memory_utilization on a GPU
-    gpu_memory_utilization: float = 0.9  # fraction of the device memory that weights + KV cache + steps may use
-    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
-    decode_steps: int = 8  # decode tokens per device call
-    precompile: bool = True  # compile every step bucket at start-up (else each on first use)
-
-    def __post_init__(self):
-        def positive_int(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"engine option {name} must be a positive integer, got {v!r}")
-
-        for name in ("max_num_seqs", "max_num_batched_tokens", "decode_steps"):
-            positive_int(name)
-        for name in ("max_model_len", "num_blocks"):
-            if getattr(self, name) is not None:
-                positive_int(name)
-        check_block_size(self.block_size)
-        mem = self.gpu_memory_utilization
-        if isinstance(mem, bool) or not isinstance(mem, (int, float)) or not 0 < mem <= 1:
-            raise ValueError(f"engine option gpu_memory_utilization must be in (0, 1], got "
-                             f"{self.gpu_memory_utilization!r}")
-
-
-def engine_options(base: EngineOptions | None = None, **changes) -> EngineOptions:
-    """`base` (default: the defaults) with `changes`; an unknown option name is an error that lists the known ones."""
-    names = [f.name for f in dataclasses.fields(EngineOptions)]
-    unknown = [k for k in changes if k not in names]
-    if unknown:
-        raise TypeError(f"unknown engine option(s) {', '.join(map(repr, unknown))}; EngineOptions has: "
-                        f"{', '.join(names)}")
-    return dataclasses.replace(base or EngineOptions(), **changes)
-
-
-def _buckets(limit: int, smallest: int, dense_from: int) -> list[int]:
-    """Step sizes to compile: from `smallest`, x4 up to `dense_from`, then x2, up to `limit`, and `limit` itself.
-    Each bucket is an executable compiled at start-up (several seconds each), so small sizes, where padding a step
-    costs little (decode rows are weight-bandwidth bound; a short prefill is quick), are spaced wider."""
-    out, b = [], smallest
-    while b < limit:
-        out.append(b)
-        b *= 4 if b < dense_from else 2
-    return out + [limit]
 
 
 @dataclasses.dataclass
@@ -127,8 +74,8 @@ class LLMEngine:
         self.max_blocks_per_seq = -(-max_model_len // options.block_size)
         self.lookahead = options.decode_steps  # positions one decode call may write past a sequence's end
         self.max_prefill_seqs = min(options.max_num_seqs, max(1, options.max_num_batched_tokens // 16), 64)
-        self.decode_buckets = _buckets(options.max_num_seqs, 1, dense_from=16)  # 1, 4, 16, 32, 64, ...
-        self.prefill_buckets = _buckets(options.max_num_batched_tokens, min(64, options.max_num_batched_tokens),
+        self.decode_buckets = buckets(options.max_num_seqs, 1, dense_from=16)  # 1, 4, 16, 32, 64, ...
+        self.prefill_buckets = buckets(options.max_num_batched_tokens, min(64, options.max_num_batched_tokens),
                                         dense_from=1024)  # 64, 256, 1024, 2048, ...
 
         # The kernels address one layer's pool with int32 element offsets.
@@ -162,8 +109,7 @@ class LLMEngine:
                                    prefills_per_decode=options.decode_steps)
         self.steps = StepCompiler(self.config, model.kernels, options.decode_steps, tp)
         self.seqs: dict[str, Sequence] = {}
-        self._decoders: dict[str, StreamDecoder] = {}
-        self._texts: dict[str, str] = {}
+        self._texts: dict[str, OutputText] = {}  # per request, when the model has a tokenizer
         self._inflight: _InFlight | None = None
         self._pending: _PendingPrefill | None = None
         self._ids = itertools.count()
@@ -204,8 +150,7 @@ class LLMEngine:
             seq.prompt_logprobs = [None]
         self.seqs[request_id] = seq
         if self.model.tokenizer is not None:
-            self._decoders[request_id] = StreamDecoder(self.model.tokenizer, skip_special_tokens=True)
-            self._texts[request_id] = ""
+            self._texts[request_id] = OutputText(self.model.tokenizer, params.stop, params.include_stop_str_in_output)
         self.scheduler.add(seq)
         return request_id
 
@@ -313,7 +258,6 @@ class LLMEngine:
 
     def _forget(self, seq: Sequence) -> None:
         self.seqs.pop(seq.request_id, None)
-        self._decoders.pop(seq.request_id, None)
         self._texts.pop(seq.request_id, None)
 
     # ---- prefill ---------------------------------------------------------------------------------------
@@ -457,9 +401,8 @@ class LLMEngine:
             log.error("request %r: the model produced NaN or Inf logits at position %d; the request is stopped "
                       "(finish_reason 'error')", seq.request_id, seq.num_tokens - 1)
             self.scheduler.finish(seq, "error")
-            decoder = self._decoders.get(seq.request_id)
-            if decoder is not None:
-                self._texts[seq.request_id] += decoder.flush()
+            if seq.request_id in self._texts:
+                self._texts[seq.request_id].flush()
             return
         seq.output_token_ids.append(token)
         if seq.logprobs is not None:
@@ -470,27 +413,12 @@ class LLMEngine:
             seq.stop_reason = token if token in seq.params.stop_token_ids else None
         elif seq.num_tokens >= seq.max_len:
             self.scheduler.finish(seq, "length")
-        decoder = self._decoders.get(seq.request_id)
-        if decoder is not None:
-            new = decoder.add([token]) + (decoder.flush() if seq.finished else "")
-            self._texts[seq.request_id] += new
-            if new and seq.params.stop:
-                self._check_stop_strings(seq, len(new))
-
-    def _check_stop_strings(self, seq: Sequence, num_new: int) -> None:
-        """Finish `seq` at the earliest stop string that the last `num_new` characters complete; the text ends
-        before it (or after it, with include_stop_str_in_output)."""
-        text = self._texts[seq.request_id]
-        longest = max(len(s) for s in seq.params.stop)
-        start = max(0, len(text) - num_new - longest + 1)
-        found = [(i, s) for s in seq.params.stop if (i := text.find(s, start)) >= 0]
-        if not found:
-            return
-        i, stop = min(found)
-        self._texts[seq.request_id] = text[:i + len(stop)] if seq.params.include_stop_str_in_output else text[:i]
-        if not seq.finished:
-            self.scheduler.finish(seq, "stop")
-        seq.finish_reason, seq.stop_reason = "stop", stop
+        text = self._texts.get(seq.request_id)
+        stop = text.add(token, last=seq.finished) if text is not None else None
+        if stop is not None:  # a stop string: the text ends at it
+            if not seq.finished:
+                self.scheduler.finish(seq, "stop")
+            seq.finish_reason, seq.stop_reason = "stop", stop
 
     def _bucket(self, kind: str, n: int, opts: StepOptions) -> int:
         """The step size (decode rows or prefill tokens) to run `n` in: the smallest bucket that fits; without
@@ -521,10 +449,7 @@ class LLMEngine:
         return (samp, *self._put((seeds, counts)))
 
     def _request_output(self, seq: Sequence) -> RequestOutput:
-        text = self._texts.get(seq.request_id)
-        if text is not None and seq.params.stop and not seq.finished:
-            # Hold back what may be the start of a stop string, so streamed text never has to be taken back.
-            text = text[:max(0, len(text) - max(len(s) for s in seq.params.stop) + 1)]
+        text = self._texts[seq.request_id].visible(seq.finished) if seq.request_id in self._texts else None
         completion = CompletionOutput(0, text, list(seq.output_token_ids), seq.finish_reason,
                                       list(seq.logprobs) if seq.logprobs is not None else None, seq.stop_reason)
         metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finished_time, seq.num_cached_tokens,
@@ -596,4 +521,4 @@ def _logprob_entry(token: int, chosen, top_ids, top_values, k: int) -> dict[int,
     return entry
 
 
-__all__ = ["EngineOptions", "LLMEngine", "Status"]
+__all__ = ["EngineOptions", "LLMEngine", "Status", "engine_options"]

@@ -1,8 +1,11 @@
-"""What the engine returns per request, with vLLM's names: `RequestOutput` holding one `CompletionOutput`."""
+"""What the engine returns per request, with vLLM's names: `RequestOutput` holding one `CompletionOutput`; and
+`OutputText`, a request's text as its tokens arrive (detokenized incrementally, ended at a stop string)."""
 
 from __future__ import annotations
 
 import dataclasses
+
+from .tokenizer import StreamDecoder, Tokenizer
 
 
 @dataclasses.dataclass
@@ -65,3 +68,41 @@ class RequestOutput:
     @property
     def logprobs(self) -> list[dict[int, float]] | None:
         return self.outputs[0].logprobs
+
+
+class OutputText:
+    """A request's generated text, token by token: detokenized as the tokens arrive (special tokens skipped) and
+    cut at the earliest of the `stop` strings, which may span several tokens."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), include_stop: bool = False):
+        self._decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
+        self.stop, self.include_stop = stop, include_stop
+        self.text = ""
+
+    def add(self, token: int, last: bool = False) -> str | None:
+        """Add a token's text (`last`: the request ends with it, so nothing stays buffered); returns the stop
+        string it completed, the text then ending before it (or after it, with `include_stop`), else None."""
+        new = self._decoder.add([token]) + (self._decoder.flush() if last else "")
+        self.text += new
+        return self._cut_at_stop(len(new)) if new and self.stop else None
+
+    def flush(self) -> None:
+        """The request ended without a further token: the text buffered for a partial character, as it is."""
+        self.text += self._decoder.flush()
+
+    def visible(self, finished: bool) -> str:
+        """The text to show now: while running, less what may be the start of a stop string, so streamed text
+        never has to be taken back."""
+        if finished or not self.stop:
+            return self.text
+        return self.text[:max(0, len(self.text) - max(len(s) for s in self.stop) + 1)]
+
+    def _cut_at_stop(self, num_new: int) -> str | None:
+        longest = max(len(s) for s in self.stop)
+        start = max(0, len(self.text) - num_new - longest + 1)  # a match must end in the new characters
+        found = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        if not found:
+            return None
+        i, stop = min(found)
+        self.text = self.text[:i + len(stop)] if self.include_stop else self.text[:i]
+        return stop
