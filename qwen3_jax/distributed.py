@@ -2,10 +2,11 @@
 
 Every process loads its devices' part of the weights and runs the same engine in lock step: the same compiled
 steps on the same inputs, each device computing its part, the collectives crossing hosts. Only process 0 talks to
-the user (the CLI, the HTTP server) through a `LockstepEngine`; before each step it broadcasts the requests added
-and aborted since the last step, so every other process (`follow`) applies them and steps too. The engine is
-deterministic given those calls (scheduling, prefix cache, seeds), and every process reads the same sampled tokens
-(the step outputs are replicated), so the processes' engines stay identical.
+the user (the CLI, the HTTP server) through a `LockstepEngine`; before each step it publishes the requests added
+and aborted since the last step in jax.distributed's key-value store (host to host: no device collective to
+order against the steps'), and every other process (`follow`) reads them, applies them and steps too. The engine
+is deterministic given those calls (scheduling, prefix cache, seeds), and every process reads the same sampled
+tokens (the step outputs are replicated), so the processes' engines stay identical.
 
     # on every host, with its own --process-id (the same command otherwise):
     qwen3-jax serve MODEL --tensor-parallel 16 --coordinator host0:29500 --num-processes 2 --process-id 0
@@ -14,20 +15,19 @@ deterministic given those calls (scheduling, prefix cache, seeds), and every pro
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
-import threading
-import time
 
 import jax
-import numpy as np
 
 from .engine import LLMEngine
 from .sampling import SamplingParams
 
 log = logging.getLogger("qwen3_jax")
-# Bytes of the fixed broadcast that precedes every step; commands past it follow in a second broadcast.
-_HEADER = 4096
+_KEY = "qwen3_jax/step/{}"  # the key-value store's key of step n's commands
+_KEEP = 256  # steps whose keys stay in the store (the processes are never more than a few steps apart)
+_WAIT_MS = 60_000  # a follower's wait per read; it waits again while process 0 is idle
 
 
 def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
@@ -54,28 +54,16 @@ def is_leader() -> bool:
 
 class LockstepEngine:
     """Process 0's handle on an `LLMEngine` run by every process: `LLMEngine`'s interface, with each `step`
-    preceded by a broadcast of the requests added and aborted since the last one. While no step runs (an idle
-    server), a broadcast every `heartbeat_s` seconds keeps the others' waiting collective from timing out.
-    `shutdown` releases the others."""
+    preceded by publishing the requests added and aborted since the last one. `shutdown` releases the others."""
 
-    def __init__(self, engine: LLMEngine, heartbeat_s: float = 10.0):
+    def __init__(self, engine: LLMEngine):
         if not is_leader():
             raise RuntimeError("only process 0 drives the engine; the other processes call follow(engine)")
         self.engine = engine
-        self.heartbeat_s = heartbeat_s
+        self._client = _store()
         self._commands: list = []
-        # One broadcast-and-step at a time: every process must meet the collectives in the same order.
-        self._lock = threading.Lock()
-        self._last = time.monotonic()
-        self._closed = threading.Event()
-        threading.Thread(target=self._heartbeat, name="qwen3-jax-heartbeat", daemon=True).start()
-
-    def _heartbeat(self) -> None:
-        while not self._closed.wait(self.heartbeat_s / 4):
-            with self._lock:
-                if not self._closed.is_set() and time.monotonic() - self._last >= self.heartbeat_s:
-                    _broadcast([["idle"]])
-                    self._last = time.monotonic()
+        self._steps = 0
+        self._closed = False
 
     def add_request(self, request_id, prompt_token_ids, params: SamplingParams | None = None) -> str:
         rid = self.engine.add_request(request_id, prompt_token_ids, params)  # validated here first
@@ -92,23 +80,23 @@ class LockstepEngine:
         return aborted
 
     def step(self):
-        with self._lock:
-            commands, self._commands = self._commands, []
-            _broadcast(commands)
-            outputs = self.engine.step()
-            self._last = time.monotonic()
-        return outputs
+        self._publish(self._commands)
+        return self.engine.step()
 
     generate = LLMEngine.generate  # add_request / step / abort_request, through this class's
 
     def shutdown(self) -> None:
         """Tell the other processes to stop following (after the commands not yet sent)."""
-        with self._lock:
-            if self._closed.is_set():
-                return
-            self._closed.set()
-            _broadcast(self._commands + [["stop"]])
-            self._commands = []
+        if not self._closed:
+            self._closed = True
+            self._publish(self._commands + [["stop"]])
+
+    def _publish(self, commands: list) -> None:
+        self._client.key_value_set(_KEY.format(self._steps), json.dumps(commands))
+        if self._steps >= _KEEP:
+            self._client.key_value_delete(_KEY.format(self._steps - _KEEP))
+        self._steps += 1
+        self._commands = []
 
     def __getattr__(self, name):  # everything else (has_unfinished_requests, seqs, stats, ...) is the engine's
         return getattr(self.engine, name)
@@ -119,50 +107,41 @@ def follow(engine: LLMEngine) -> None:
     if is_leader():
         raise RuntimeError("process 0 drives the engine (LockstepEngine); follow() is for the other processes")
     log.info("process %d: following process 0's steps", jax.process_index())
-    while True:
-        step = True
-        for command in _receive():
+    client = _store()
+    for step in itertools.count():
+        for command in json.loads(_wait_for(client, _KEY.format(step))):
             if command[0] == "stop":
                 log.info("process %d: process 0 shut down", jax.process_index())
                 return
             if command[0] == "add":
                 _, rid, prompt, params = command
                 engine.add_request(rid, prompt, _sampling_params(params))
-            elif command[0] == "abort":
+            else:
                 engine.abort_request(command[1])
-            else:  # "idle": process 0 is waiting for requests
-                step = False
-        if step:
-            engine.step()
+        engine.step()
+
+
+def _wait_for(client, key: str) -> str:
+    """The value of `key` once process 0 has set it (however long it stays idle)."""
+    while True:
+        try:
+            return client.blocking_key_value_get(key, _WAIT_MS)
+        except jax.errors.JaxRuntimeError as e:
+            if "DEADLINE_EXCEEDED" not in str(e):
+                raise
+
+
+def _store():
+    """jax.distributed's key-value store (its client has no public accessor in jax 0.11)."""
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if client is None:
+        raise RuntimeError("jax.distributed is not initialized: call qwen3_jax.distributed.initialize(...) first")
+    return client
 
 
 def _sampling_params(fields: dict) -> SamplingParams:
     for name in ("stop_token_ids", "stop"):
         fields[name] = tuple(fields[name])
     return SamplingParams(**fields)
-
-
-def _broadcast(commands: list) -> None:
-    data = json.dumps(commands).encode()
-    header = np.zeros(_HEADER, np.uint8)
-    header[:8] = np.frombuffer(np.int64(len(data)).tobytes(), np.uint8)
-    head = data[:_HEADER - 8]
-    header[8:8 + len(head)] = np.frombuffer(head, np.uint8)
-    _one_to_all(header)
-    if len(data) > _HEADER - 8:
-        _one_to_all(np.frombuffer(data[_HEADER - 8:], np.uint8))
-
-
-def _receive() -> list:
-    header = _one_to_all(np.zeros(_HEADER, np.uint8))
-    size = int(np.frombuffer(header[:8].tobytes(), np.int64)[0])
-    data = header[8:8 + min(size, _HEADER - 8)].tobytes()
-    if size > _HEADER - 8:
-        data += _one_to_all(np.zeros(size - (_HEADER - 8), np.uint8)).tobytes()
-    return json.loads(data)
-
-
-def _one_to_all(x: np.ndarray) -> np.ndarray:
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.broadcast_one_to_all(x))

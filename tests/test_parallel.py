@@ -273,3 +273,34 @@ def test_one_device_mesh_on_gpu_equals_unsplit(tmp_path):
         want = q.LLM(plain, **ENGINE).generate([tokens], params, use_tqdm=False)
         got = q.LLM(split, **ENGINE).generate([tokens], params, use_tqdm=False)
         assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+
+
+def test_two_process_server_answers_as_one_process_does():
+    """`qwen3-jax serve -tp 2` as two processes (`python -m qwen3_jax.server`, one CPU device each): process 0
+    serves HTTP, process 1 follows; the answer equals the unsplit model's; SIGTERM on process 0 stops both."""
+    from test_server import NO_THINKING, RECALL, ServerProcess, free_port
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    flags = ["--dtype", "float32", "-tp", "2", "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2",
+             "--max-model-len", "256", "--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--num-blocks", "16"]
+    follower = subprocess.Popen([sys.executable, "-m", "qwen3_jax.server", str(q.DEMO_MODEL_DIR), "--kernels",
+                                 "reference", "--no-precompile", *flags, "--process-id", "1"],
+                                env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        leader = ServerProcess(*flags, "--process-id", "0", env=env)
+        try:
+            status, body = leader.request("POST", "/v1/chat/completions", {
+                "model": "demo", "messages": [{"role": "user", "content": RECALL}], "max_tokens": 16,
+                "temperature": 0, **NO_THINKING})
+        finally:
+            assert leader.close() == 0
+        assert status == 200, body
+        assert follower.wait(60) == 0, follower.stdout.read()[-3000:]
+    finally:
+        follower.kill()
+    want = q.LLM(q.load(q.DEMO_MODEL_DIR, dtype="float32", kernels="reference"), max_model_len=256, num_blocks=16,
+                 max_num_seqs=4, precompile=False).chat(
+        [{"role": "user", "content": RECALL}], q.SamplingParams(temperature=0, max_tokens=16),
+        enable_thinking=False, use_tqdm=False)
+    answer = body["choices"][0]["message"]["content"]
+    assert "Flubarg" in answer and answer.strip() == want[0].outputs[0].text.strip()

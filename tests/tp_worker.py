@@ -29,9 +29,8 @@ def main(ckpt: str, port: str, process_id: str, out: str) -> None:
     if not distributed.is_leader():
         llm.follow()
         return
-    llm.engine.heartbeat_s = 0.2
     outs = llm.generate(PROMPTS[:2], PARAMS[:2], use_tqdm=False)
-    time.sleep(1.5)  # idle: process 1 waits through heartbeats
+    time.sleep(1.5)  # idle: process 1 waits for the next step
     outs += llm.generate(PROMPTS[2:], PARAMS[2:], use_tqdm=False)
     llm.shutdown()
     devices = sorted({s.device.process_index for s in llm.model.params["norm"].global_shards})
