@@ -75,6 +75,9 @@ def test_repl_on_a_terminal(tmp_path):
                           timeout=240)
     try:
         child.expect_exact(">>> ")
+        child.sendintr()  # Ctrl-C at the prompt: a hint, not an exit
+        child.expect_exact("Ctrl-D or /exit to leave")
+        child.expect_exact(">>> ")
         child.sendline(QUESTION)
         child.expect_exact("Flubarg")
         child.expect_exact(">>> ")
@@ -96,8 +99,6 @@ def test_repl_on_a_terminal(tmp_path):
         child.sendline(QUESTION)
         child.expect_exact("Flubarg")
         child.expect_exact(">>> ")
-        child.sendintr()  # Ctrl-C at the prompt: a hint, not an exit
-        child.expect_exact("Ctrl-D or /exit to leave")
         child.sendeof()  # Ctrl-D
         child.expect(pexpect.EOF, timeout=60)
     finally:
