@@ -2,6 +2,7 @@
 REPL driven through a pseudo-terminal as a user types: a turn, commands, Ctrl-C mid-answer, Ctrl-D."""
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -70,13 +71,12 @@ def test_multi_line_messages(monkeypatch):
 def test_repl_on_a_terminal(tmp_path):
     env = {**os.environ, "QWEN3_JAX_CACHE_DIR": str(tmp_path), "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
            "TERM": "dumb"}
+    # A user's terminal delivers Ctrl-C to a chat whose SIGINT is the default, even where pytest runs as a
+    # background job (which a shell starts with SIGINT ignored, and exec keeps ignored).
     child = pexpect.spawn(sys.executable, ["-m", "qwen3_jax", "chat", "--kernels", "reference", "--max-new-tokens",
                                            "1000", "--no-thinking"], cwd=str(ROOT), env=env, encoding="utf-8",
-                          timeout=240)
+                          timeout=240, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        child.expect_exact(">>> ")
-        child.sendintr()  # Ctrl-C at the prompt: a hint, not an exit
-        child.expect_exact("Ctrl-D or /exit to leave")
         child.expect_exact(">>> ")
         child.sendline(QUESTION)
         child.expect_exact("Flubarg")
@@ -99,6 +99,8 @@ def test_repl_on_a_terminal(tmp_path):
         child.sendline(QUESTION)
         child.expect_exact("Flubarg")
         child.expect_exact(">>> ")
+        child.sendintr()  # Ctrl-C at the prompt: a hint, not an exit
+        child.expect_exact("Ctrl-D or /exit to leave")
         child.sendeof()  # Ctrl-D
         child.expect(pexpect.EOF, timeout=60)
     finally:
