@@ -19,7 +19,7 @@ import numpy as np
 from .config import Qwen3Config
 from .engine import EngineOptions, LLMEngine
 from .ops import Kernels
-from .parallel import TensorParallel, check_parallel_config
+from .parallel import TensorParallel
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .weights import load_params
@@ -96,11 +96,10 @@ class Qwen3:
 
     def with_tensor_parallel(self, tensor_parallel: int, devices=None) -> "Qwen3":
         """This model (loaded on one device) split over `tensor_parallel` devices, as `load(tensor_parallel=...)`
-        would load it; the weights pass through the host."""
+        would load it; each device's part is cut from the loaded arrays."""
         if self.parallel is not None:
             raise ValueError(f"this model is already split over {self.parallel.size} devices")
-        check_parallel_config(self.config, tensor_parallel)
-        parallel = TensorParallel.create(tensor_parallel, devices)
+        parallel = TensorParallel.create(self.config, tensor_parallel, devices)
         return dataclasses.replace(self, params=parallel.shard_params(self.params, self.config), parallel=parallel,
                                    _engine=None)
 
@@ -128,8 +127,7 @@ def load(model_dir: str | Path, *, dtype: str | None = None, kernels: str | Kern
     parallel = None
     if tensor_parallel is not None or devices is not None:
         size = tensor_parallel if tensor_parallel is not None else len(devices)
-        check_parallel_config(config, size)
-        parallel = TensorParallel.create(size, devices)
+        parallel = TensorParallel.create(config, size, devices)
     # the small files first, so a broken tokenizer or generation config fails before gigabytes are read
     tokenizer = Tokenizer.from_pretrained(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     gen_path = model_dir / "generation_config.json"

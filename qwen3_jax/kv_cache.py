@@ -29,14 +29,18 @@ class KVCache:
     v: tuple[jax.Array, ...]  # per layer [num_blocks, KV, block_size, D]
 
     @classmethod
-    def init(cls, config: Qwen3Config, num_blocks: int, block_size: int, dtype=None) -> "KVCache":
-        """An empty pool of `num_blocks` blocks of `block_size` positions per layer."""
+    def init(cls, config: Qwen3Config, num_blocks: int, block_size: int, dtype=None, *, kv_heads: int | None = None,
+             sharding=None) -> "KVCache":
+        """An empty pool of `num_blocks` blocks of `block_size` positions per layer; `kv_heads` (default the
+        config's) and `sharding` for a pool split over devices (`parallel.TensorParallel.init_cache`)."""
         check_block_size(block_size)
         if num_blocks <= 0:
             raise ValueError(f"the KV cache needs at least one block, got num_blocks={num_blocks}")
-        shape = (num_blocks, config.num_key_value_heads, block_size, config.head_dim)
+        shape = (num_blocks, kv_heads or config.num_key_value_heads, block_size, config.head_dim)
         dtype = dtype or config.jnp_dtype
         zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731  (a fresh buffer per layer, never shared)
+        if sharding is not None:  # made where `sharding` puts it (also across processes)
+            zeros = jax.jit(zeros, out_shardings=sharding)
         return cls(k=tuple(zeros() for _ in range(config.num_hidden_layers)),
                    v=tuple(zeros() for _ in range(config.num_hidden_layers)))
 

@@ -135,10 +135,10 @@ class TensorParallel:
     mesh: Mesh
 
     @classmethod
-    def create(cls, size: int, devices: Sequence | None = None) -> "TensorParallel":
-        """A 1-D mesh over `size` devices: the given ones (jax devices or their ids), else the first `size`."""
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"tensor_parallel must be a positive integer, got {size!r}")
+    def create(cls, config: Qwen3Config, size: int, devices: Sequence | None = None) -> "TensorParallel":
+        """A 1-D mesh over `size` devices for a model of `config` (refused if its shapes do not split over them):
+        the given devices (jax devices or their ids), else the first `size`."""
+        check_parallel_config(config, size)
         available = jax.devices()
         if devices is None:
             if size > len(available):
@@ -202,16 +202,13 @@ class TensorParallel:
 
     def init_cache(self, config: Qwen3Config, num_blocks: int, block_size: int, dtype=None) -> KVCache:
         """An empty pool split over KV heads: [num_blocks, local KV heads x N, block_size, D] in all."""
-        local = local_config(config, self.size)
-        shape = (num_blocks, local.num_key_value_heads * self.size, block_size, config.head_dim)
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype or config.jnp_dtype), out_shardings=self.cache_sharding())
-        layers = range(config.num_hidden_layers)
-        return KVCache(k=tuple(zeros() for _ in layers), v=tuple(zeros() for _ in layers))
+        kv_heads = local_config(config, self.size).num_key_value_heads * self.size
+        return KVCache.init(config, num_blocks, block_size, dtype, kv_heads=kv_heads, sharding=self.cache_sharding())
 
     def make_param(self, name: str, config: Qwen3Config, read: Callable[[int, tuple], np.ndarray]):
         """Param `name` on the mesh, each device's part made by `read(part, index)` (a piece of the HF tensor
         `part` of those fused into it) as `shard_pieces` lays it out: nothing holds the whole param at once."""
-        local_shape = _local_shape(name, config, self.size)
+        local_shape = _local_shapes(config, self.size)[name]
         dim = _sharded_dim(name)
         shape = list(local_shape)
         if dim is not None:
@@ -221,16 +218,15 @@ class TensorParallel:
             s = 0 if dim is None else (index[dim].start or 0) // local_shape[dim]
             pieces = [read(part, idx) for part, idx in shard_pieces(name, config, self.size, s)]
             xp = jnp if isinstance(pieces[0], jax.Array) else np  # device arrays are cut on their device
-            if pieces[0].shape[0] + sum(p.shape[0] for p in pieces[1:]) < local_shape[0]:  # the vocabulary's padding
-                pad = local_shape[0] - sum(p.shape[0] for p in pieces)
+            pad = local_shape[0] - sum(p.shape[0] for p in pieces)  # the vocabulary's padding rows
+            if pad:
                 pieces.append(xp.zeros((pad, *pieces[0].shape[1:]), pieces[0].dtype))
             return pieces[0] if len(pieces) == 1 else xp.concatenate(pieces, axis=0)
 
         return jax.make_array_from_callback(tuple(shape), self.sharding(name), one_device)
 
     def shard_params(self, params: dict, config: Qwen3Config) -> dict:
-        """Params loaded whole (`load_params`, `random_params`) laid out on the mesh."""
-        check_parallel_config(config, self.size)
+        """Params loaded whole (`load_params`, `random_params`) laid out on the mesh (made for `config`)."""
         _refuse_quantized(params)
 
         def place(name, value):
@@ -259,12 +255,10 @@ class TensorParallel:
                              check_vma=False)(*args)
 
 
-def _local_shape(name: str, config: Qwen3Config, size: int) -> tuple[int, ...]:
-    local = local_config(config, size)
-    for path, (_, shape) in weight_table(local).items():
-        if path[-1] == name:
-            return shape
-    raise KeyError(name)
+@functools.lru_cache(maxsize=8)
+def _local_shapes(config: Qwen3Config, size: int) -> dict[str, tuple[int, ...]]:
+    """One device's shape of each param, by name (the same in every layer)."""
+    return {path[-1]: shape for path, (_, shape) in weight_table(local_config(config, size)).items()}
 
 
 def _map_named(params: dict, fn):

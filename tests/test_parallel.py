@@ -17,7 +17,7 @@ import pytest
 
 import qwen3_jax as q
 from qwen3_jax.kv_cache import AttentionMetadata, KVCache
-from qwen3_jax.parallel import kv_heads_of, local_config
+from qwen3_jax.parallel import kv_heads_of
 from tiny_checkpoint import build_checkpoint
 
 ENGINE = dict(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64, block_size=16, num_blocks=24,
@@ -123,13 +123,14 @@ def test_sampling_is_identical_across_sizes(ckpt, one_device):
 def test_each_device_holds_only_its_part(ckpt, one_device):
     size = 4
     model = q.load(ckpt, dtype="float32", tensor_parallel=size)
-    config, local = model.config, local_config(model.config, size)
+    config = model.config
+    d, hidden = config.head_dim, config.hidden_size
+    q_rows = config.num_attention_heads // size * d
+    kv_rows = max(config.num_key_value_heads // size, 1) * d  # a whole KV head where there are fewer than devices
+    mlp = config.intermediate_size // size
     layer = model.params["layers"][0]
-    want = {"qkv_proj": (local.q_size + 2 * local.kv_size, config.hidden_size),
-            "o_proj": (config.hidden_size, local.q_size),
-            "gate_up_proj": (2 * local.intermediate_size, config.hidden_size),
-            "down_proj": (config.hidden_size, local.intermediate_size),
-            "input_layernorm": (config.hidden_size,)}
+    want = {"qkv_proj": (q_rows + 2 * kv_rows, hidden), "o_proj": (hidden, q_rows),
+            "gate_up_proj": (2 * mlp, hidden), "down_proj": (hidden, mlp), "input_layernorm": (hidden,)}
     for name, shape in want.items():
         shards = layer[name].addressable_shards
         assert len(shards) == size and {s.data.shape for s in shards} == {shape}, name
@@ -144,14 +145,14 @@ def test_each_device_holds_only_its_part(ckpt, one_device):
             per_device[s.device] += s.data.nbytes
     padding = (-config.vocab_size) % size * config.hidden_size * 4 * (1 if config.tie_word_embeddings else 2)
     # with fewer KV heads than devices each device holds a whole KV head: more than its share of k and v
-    replicas = (2 * local.kv_size - 2 * config.kv_size / size) * config.hidden_size * 4 * config.num_hidden_layers
+    replicas = (2 * kv_rows - 2 * config.kv_size / size) * hidden * 4 * config.num_hidden_layers
     for nbytes in per_device.values():
         assert nbytes == pytest.approx((total - norms + padding) / size + norms + replicas)
     # the KV pool: each device holds its KV heads of every block
     engine = q.LLM(model, **ENGINE).engine
     pool = engine.cache.k[0]
     assert {s.data.shape for s in pool.addressable_shards} == {
-        (ENGINE["num_blocks"], local.num_key_value_heads, ENGINE["block_size"], config.head_dim)}
+        (ENGINE["num_blocks"], kv_rows // d, ENGINE["block_size"], d)}
 
 
 def test_donated_pool_is_aliased(ckpt):
